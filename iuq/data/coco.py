@@ -1,0 +1,251 @@
+"""COCO-format instance segmentation dataset: any instances JSON plus an image folder.
+
+Every annotation is validated when the dataset is built, so a broken file fails before training
+starts, with the file name and annotation id in the message. Segmentations may be polygons,
+uncompressed RLE or compressed RLE; pycocotools does all mask decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.functional import pil_to_tensor
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, unreadable or not valid COCO instances data."""
+
+
+@dataclass
+class SkipReport:
+    """What `skip_invalid=True` left out, so callers can print it."""
+
+    annotations: list[tuple[int | None, str]] = field(default_factory=list)  # (annotation id, why)
+    images: list[tuple[int | None, str]] = field(default_factory=list)  # (image id, why)
+
+    def __len__(self) -> int:
+        return len(self.annotations) + len(self.images)
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> mask [H, W] uint8.
+
+    Raises ValueError with a description of what is malformed.
+    """
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise ValueError("polygon list is empty")
+        for poly in segmentation:
+            if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+                raise ValueError("each polygon must be a flat list of at least 3 (x, y) pairs")
+            if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in poly):
+                raise ValueError("polygon coordinates must be finite numbers")
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation, dict):
+        if "counts" not in segmentation or "size" not in segmentation:
+            raise ValueError("RLE segmentation needs 'counts' and 'size'")
+        if list(segmentation["size"]) != [height, width]:
+            raise ValueError(f"RLE size {segmentation['size']} differs from the image size {[height, width]}")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):  # uncompressed RLE
+            if sum(counts) != height * width:
+                raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected {height * width}")
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        elif isinstance(counts, (str, bytes)):  # compressed RLE
+            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+        else:
+            raise ValueError("RLE 'counts' must be a list (uncompressed) or a string (compressed)")
+    else:
+        raise ValueError(
+            f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
+        )
+    return mask_utils.decode(rle)
+
+
+def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """masks [K, H, W] bool -> boxes [K, 4] float xyxy in pixel-edge coordinates.
+
+    torchvision's `masks_to_boxes` returns the last covered pixel index; +1 on x2, y2 makes the
+    box enclose whole pixels, so that flipping a box is x -> W - x exactly.
+    """
+    if masks.shape[0] == 0:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    from torchvision.ops import masks_to_boxes
+
+    boxes = masks_to_boxes(masks)  # [K, 4]
+    boxes[:, 2:] += 1
+    return boxes
+
+
+class CocoInstances(torch.utils.data.Dataset):
+    """Instances JSON + image folder -> (image [3, H, W] float in [0, 1], target dict).
+
+    Target keys: `masks` [K, H, W] bool, `labels` [K] int64 (contiguous 0..C-1), `boxes` [K, 4]
+    xyxy float, `image_id` int, `orig_size` (H, W). Crowd annotations are not training targets;
+    they stay in the JSON for COCO evaluation, as COCO does.
+
+    Args:
+        ann_file: COCO instances JSON.
+        image_dir: folder holding the images named by `file_name`.
+        transforms: callable (image, target) -> (image, target), see `iuq.data.transforms`.
+        keep_empty: keep images with no (non-crowd) annotation; they are negatives for training.
+        skip_invalid: instead of raising, skip bad annotations/images and count them (with a warning).
+    """
+
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        transforms: Callable | None = None,
+        keep_empty: bool = True,
+        skip_invalid: bool = False,
+    ):
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.transforms = transforms
+        self.skip_invalid = skip_invalid
+        self.skipped = SkipReport()
+
+        data = _read_json(self.ann_file)
+        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.category_ids = [c["id"] for c in self.categories]
+        self.category_to_label = {cid: i for i, cid in enumerate(self.category_ids)}
+        self.class_names = [c.get("name", str(c["id"])) for c in self.categories]
+
+        self.images: dict[int, dict] = {}
+        for img in data["images"]:
+            try:
+                _check_image_entry(img, self.image_dir, self.ann_file)
+            except DatasetError as err:
+                self._invalid("image", img.get("id"), str(err))
+                continue
+            self.images[img["id"]] = img
+
+        self.annotations: dict[int, list[dict]] = {i: [] for i in self.images}
+        for ann in data["annotations"]:
+            problem = self._check_annotation(ann)
+            if problem:
+                self._invalid("annotation", ann.get("id"), problem)
+                continue
+            if not ann.get("iscrowd", 0):
+                self.annotations[ann["image_id"]].append(ann)
+
+        self.image_ids = [i for i in self.images if keep_empty or self.annotations[i]]
+        if self.skipped:
+            log.warning(
+                "%s: skipped %d invalid annotations and %d invalid images (skip_invalid=True); first: %s",
+                self.ann_file,
+                len(self.skipped.annotations),
+                len(self.skipped.images),
+                (self.skipped.annotations + self.skipped.images)[0][1],
+            )
+
+    def _invalid(self, kind: str, ident, why: str) -> None:
+        if not self.skip_invalid:
+            raise DatasetError(f"{why} (or pass skip_invalid=True to skip and count such entries)")
+        (self.skipped.annotations if kind == "annotation" else self.skipped.images).append((ident, why))
+
+    def _check_annotation(self, ann: dict) -> str | None:
+        """None if the annotation is a valid target, else a message naming file and annotation id."""
+        where = f"{self.ann_file}: annotation id {ann.get('id')}"
+        for key in ("id", "image_id", "category_id", "segmentation"):
+            if key not in ann:
+                return f"{where}: missing key '{key}'"
+        if ann["image_id"] not in self.images:
+            return f"{where}: image_id {ann['image_id']} is not in 'images'"
+        if ann["category_id"] not in self.category_to_label:
+            return f"{where}: category_id {ann['category_id']} is not in 'categories'"
+        img = self.images[ann["image_id"]]
+        try:
+            mask = decode_segmentation(ann["segmentation"], img["height"], img["width"])
+        except (ValueError, TypeError) as err:
+            return f"{where}: malformed segmentation: {err}"
+        if not ann.get("iscrowd", 0) and not mask.any():
+            return f"{where}: segmentation covers no pixel of the {img['width']}x{img['height']} image"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def load_image(self, image_id: int) -> torch.Tensor:
+        """image [3, H, W] float32 in [0, 1]."""
+        info = self.images[image_id]
+        path = self.image_dir / info["file_name"]
+        try:
+            with Image.open(path) as im:
+                image = pil_to_tensor(im.convert("RGB"))  # [3, H, W] uint8
+        except (OSError, UnidentifiedImageError) as err:
+            raise DatasetError(f"{path}: cannot read image {image_id}: {err}") from err
+        if tuple(image.shape[1:]) != (info["height"], info["width"]):
+            raise DatasetError(
+                f"{path}: image is {image.shape[2]}x{image.shape[1]} but {self.ann_file} says "
+                f"{info['width']}x{info['height']} for image id {image_id}"
+            )
+        return image.float() / 255.0
+
+    def load_target(self, image_id: int) -> dict:
+        info = self.images[image_id]
+        h, w = info["height"], info["width"]
+        anns = self.annotations[image_id]
+        if anns:
+            masks = np.stack([decode_segmentation(a["segmentation"], h, w) for a in anns])
+            masks = torch.from_numpy(masks).bool()  # [K, H, W]
+        else:
+            masks = torch.zeros((0, h, w), dtype=torch.bool)
+        labels = torch.tensor([self.category_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+        return {
+            "masks": masks,
+            "labels": labels,
+            "boxes": boxes_from_masks(masks),
+            "image_id": image_id,
+            "orig_size": (h, w),
+        }
+
+    def __getitem__(self, index: int):
+        image_id = self.image_ids[index]
+        image, target = self.load_image(image_id), self.load_target(image_id)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError as err:
+        raise DatasetError(f"{path}: annotation file not found") from err
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: not a COCO instances file (top level is not an object)")
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise DatasetError(
+            f"{path}: not a COCO instances file: missing list(s) {missing}; expected keys "
+            "'images', 'annotations' and 'categories'"
+        )
+    for cat in data["categories"]:
+        if "id" not in cat:
+            raise DatasetError(f"{path}: category without 'id': {cat}")
+    return data
+
+
+def _check_image_entry(img: dict, image_dir: Path, ann_file: Path) -> None:
+    for key in ("id", "file_name", "height", "width"):
+        if key not in img:
+            raise DatasetError(f"{ann_file}: image entry {img.get('id')} is missing key '{key}'")
+    path = image_dir / img["file_name"]
+    if not path.is_file():
+        raise DatasetError(f"{path}: image file of image id {img['id']} not found")

@@ -1,0 +1,39 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO128 = ROOT.parent / "shared" / "datasets" / "coco128"
+COCO128_JSON = COCO128 / "annotations" / "instances_train2017.json"
+COCO128_IMAGES = COCO128 / "train2017"
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A small embedded synthetic dataset shared by the tests of one session."""
+    from iuq.data.synthetic import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, SynthConfig(images=10, seed=7, size=128))
+    return out
+
+
+def write_tiny_coco(tmp_path: Path, annotations: list[dict], size=(20, 30), images=None) -> tuple[Path, Path]:
+    """A one-image COCO dataset (image id 1, categories 1 and 2) with the given annotations."""
+    h, w = size
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(img_dir / "a.png")
+    data = {
+        "images": images
+        if images is not None
+        else [{"id": 1, "file_name": "a.png", "height": h, "width": w}],
+        "annotations": annotations,
+        "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}],
+    }
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    return ann, img_dir
