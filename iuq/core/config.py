@@ -1,0 +1,81 @@
+"""IUQConfig: every switch of the method, with the paper's defaults (§3.3, §4.3)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class IUQConfig:
+    """Settings of Instance-Unique Querying.
+
+    inter: enable L_inter (Eq. 5).
+    inter_weight: weight of L_inter (the paper adds it with weight 1).
+    inter_loss: per-pair loss toward 0: "focal" (paper), "bce", "l1", "l2" (Table 4a).
+    focal_alpha, focal_gamma: focal loss parameters (0.1, 2.5 in the paper).
+    inter_mode: "memory" (batch + external memory, paper) or "minibatch" (Table 4c row 2).
+    memory_capacity: pixels in the external memory (100k in the paper).
+    sampling: "instance_balanced" (paper), "sparse" or "dense" (Table 4b).
+    samples_per_instance: k of instance-balanced sampling (50 in the paper).
+    samples_per_image: k of sparse sampling (the paper tries 500 and 1000).
+    chunk_size: pixels per chunk in the memory-efficient L_inter.
+    equi: enable the transformed view and L_equi (Eq. 8).
+    equi_weight: lambda (3 in the paper, Table 4e).
+    equi_variant: "full" (Eq. 8), "feature" (Eq. 6 only), "augmentation" (no term) (Table 4d).
+    flip_p: probability of a horizontal flip in G.
+    crop_min, crop_max: relative side range of the random crop in G (0.6-1.0 in the paper).
+    """
+
+    inter: bool = True
+    inter_weight: float = 1.0
+    inter_loss: str = "focal"
+    focal_alpha: float = 0.1
+    focal_gamma: float = 2.5
+    inter_mode: str = "memory"
+    memory_capacity: int = 100_000
+    sampling: str = "instance_balanced"
+    samples_per_instance: int = 50
+    samples_per_image: int = 1000
+    chunk_size: int = 16384
+    equi: bool = True
+    equi_weight: float = 3.0
+    equi_variant: str = "full"
+    flip_p: float = 0.5
+    crop_min: float = 0.6
+    crop_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "inter_loss": ("focal", "bce", "l1", "l2"),
+            "inter_mode": ("memory", "minibatch"),
+            "sampling": ("instance_balanced", "sparse", "dense"),
+            "equi_variant": ("full", "feature", "augmentation"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"iuq.{name}: {getattr(self, name)!r} is not one of {allowed}")
+        for name in ("memory_capacity", "samples_per_instance", "samples_per_image", "chunk_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"iuq.{name}: must be a positive integer, got {value!r}")
+        for name in ("inter_weight", "equi_weight", "focal_gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"iuq.{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0 < self.focal_alpha < 1:
+            raise ValueError(f"iuq.focal_alpha: must be in (0, 1), got {self.focal_alpha!r}")
+        if not 0 <= self.flip_p <= 1:
+            raise ValueError(f"iuq.flip_p: must be in [0, 1], got {self.flip_p!r}")
+        if not 0 < self.crop_min <= self.crop_max <= 1:
+            raise ValueError(f"iuq.crop_min/crop_max: need 0 < crop_min <= crop_max <= 1, got "
+                             f"{self.crop_min!r}, {self.crop_max!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> IUQConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"iuq: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
