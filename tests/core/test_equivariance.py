@@ -36,7 +36,7 @@ def test_zero_when_queries_reproduce_transformed_masks_positive_otherwise(g, tol
     # Logits are +-10 on every cell of a flip: each mask's dice loss is ~sigmoid(-10) ~ 5e-5.
     assert 0 <= loss.item() < tol
     wrong = equivariance_loss([queries[[1, 2, 0]]], [target_g], emb, g, DotProductDecoder(), dice_loss)
-    assert wrong.item() > 0.9
+    assert wrong.item() > 0.5 > 5 * tol
     (gq, ge) = torch.autograd.grad(wrong, [queries, emb])
     assert gq.abs().sum() > 0 and ge.abs().sum() > 0  # reaches queries and f(I)
 
