@@ -14,9 +14,7 @@ from iuq.data.coco import boxes_from_masks
 
 def _colours(n: int) -> list[tuple[int, int, int]]:
     # Golden-ratio hues: neighbouring instances get clearly different colours.
-    return [
-        tuple(int(255 * c) for c in colorsys.hsv_to_rgb((0.618034 * i) % 1.0, 0.75, 0.95)) for i in range(n)
-    ]
+    return [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((0.618034 * i) % 1.0, 0.75, 0.95)) for i in range(n)]
 
 
 def draw_instances(

@@ -28,9 +28,7 @@ def write_tiny_coco(tmp_path: Path, annotations: list[dict], size=(20, 30), imag
     img_dir.mkdir(exist_ok=True)
     Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8)).save(img_dir / "a.png")
     data = {
-        "images": images
-        if images is not None
-        else [{"id": 1, "file_name": "a.png", "height": h, "width": w}],
+        "images": images if images is not None else [{"id": 1, "file_name": "a.png", "height": h, "width": w}],
         "annotations": annotations,
         "categories": [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}],
     }

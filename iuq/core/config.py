@@ -66,8 +66,9 @@ class IUQConfig:
         if not 0 <= self.flip_p <= 1:
             raise ValueError(f"iuq.flip_p: must be in [0, 1], got {self.flip_p!r}")
         if not 0 < self.crop_min <= self.crop_max <= 1:
-            raise ValueError(f"iuq.crop_min/crop_max: need 0 < crop_min <= crop_max <= 1, got "
-                             f"{self.crop_min!r}, {self.crop_max!r}")
+            raise ValueError(
+                f"iuq.crop_min/crop_max: need 0 < crop_min <= crop_max <= 1, got {self.crop_min!r}, {self.crop_max!r}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> IUQConfig:

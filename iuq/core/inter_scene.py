@@ -75,13 +75,32 @@ def inter_scene_loss(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     return _ChunkedInterScene.apply(
-        queries, query_image_ids, pixels.detach(), pixel_image_ids, pixel_xy, query_xy, decoder,
-        loss, alpha, gamma, chunk_size,
+        queries,
+        query_image_ids,
+        pixels.detach(),
+        pixel_image_ids,
+        pixel_xy,
+        query_xy,
+        decoder,
+        loss,
+        alpha,
+        gamma,
+        chunk_size,
     )
 
 
-def inter_scene_loss_naive(queries, query_image_ids, pixels, pixel_image_ids, decoder, pixel_xy=None,
-                           query_xy=None, loss="focal", alpha=0.1, gamma=2.5) -> torch.Tensor:
+def inter_scene_loss_naive(
+    queries,
+    query_image_ids,
+    pixels,
+    pixel_image_ids,
+    decoder,
+    pixel_xy=None,
+    query_xy=None,
+    loss="focal",
+    alpha=0.1,
+    gamma=2.5,
+) -> torch.Tensor:
     """Reference: the full [Q, P] computation under plain autograd (tests and benchmarks)."""
     logits = decoder(queries, pixels.detach(), pixel_xy, query_xy)  # [Q, P]
     valid = query_image_ids[:, None] != pixel_image_ids[None, :]  # [Q, P]

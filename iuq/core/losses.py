@@ -68,7 +68,10 @@ def bce_mask_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float 
 
 
 def bce_dice_mask_loss(
-    logits: torch.Tensor, targets: torch.Tensor, num_masks: float | None = None, bce_weight: float = 5.0,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_masks: float | None = None,
+    bce_weight: float = 5.0,
     dice_weight: float = 5.0,
 ) -> torch.Tensor:
     """Mask2Former's mask loss: 5 * BCE + 5 * dice (its default weights)."""

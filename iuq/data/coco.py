@@ -67,9 +67,7 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
         else:
             raise ValueError("RLE 'counts' must be a list (uncompressed) or a string (compressed)")
     else:
-        raise ValueError(
-            f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}"
-        )
+        raise ValueError(f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}")
     return mask_utils.decode(rle)
 
 

@@ -57,9 +57,7 @@ def _shape_polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> li
     ]
 
 
-def _draw_object(
-    size: int, cls: str, cx: float, cy: float, r: float, angle: float, aspect: float
-) -> np.ndarray:
+def _draw_object(size: int, cls: str, cx: float, cy: float, r: float, angle: float, aspect: float) -> np.ndarray:
     """Full (unoccluded) mask [S, S] bool of one object, rasterised by PIL."""
     canvas = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
@@ -114,9 +112,7 @@ def _scene(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, list
             continue
         new_owner = np.where(full, len(objects), owner)
         visible = np.bincount(new_owner[new_owner >= 0], minlength=len(objects) + 1)  # px per object
-        if any(
-            v < max(MIN_AREA, MIN_VISIBLE * o["area"]) for v, o in zip(visible[:-1], objects, strict=True)
-        ):
+        if any(v < max(MIN_AREA, MIN_VISIBLE * o["area"]) for v, o in zip(visible[:-1], objects, strict=True)):
             continue  # would hide too much of an earlier object
         owner = new_owner
         colour = PALETTE[int(rng.integers(len(PALETTE)))] + rng.normal(0, 10, size=3)

@@ -12,8 +12,17 @@ def test_paper_defaults():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("inter_loss", "hinge"), ("memory_capacity", 0), ("memory_capacity", 1.5), ("sampling", "grid"),
-     ("equi_variant", "x"), ("focal_alpha", 1.5), ("crop_min", 0.0), ("equi_weight", -1.0), ("inter_mode", "q")],
+    [
+        ("inter_loss", "hinge"),
+        ("memory_capacity", 0),
+        ("memory_capacity", 1.5),
+        ("sampling", "grid"),
+        ("equi_variant", "x"),
+        ("focal_alpha", 1.5),
+        ("crop_min", 0.0),
+        ("equi_weight", -1.0),
+        ("inter_mode", "q"),
+    ],
 )
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"iuq.{field}"):

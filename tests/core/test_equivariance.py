@@ -48,11 +48,13 @@ def test_variants():
     aug = equivariance_loss([q], [masks], emb, g, DotProductDecoder(), dice_loss, variant="augmentation")
     assert aug.item() == 0.0 and aug.requires_grad
     f_g = g.apply(emb.detach())  # a perfectly equivariant f
-    feat = equivariance_loss([q], [masks], emb, g, DotProductDecoder(), dice_loss, variant="feature",
-                             pixel_embeddings_g=f_g)
+    feat = equivariance_loss(
+        [q], [masks], emb, g, DotProductDecoder(), dice_loss, variant="feature", pixel_embeddings_g=f_g
+    )
     assert feat.item() == 0.0
-    feat = equivariance_loss([q], [masks], emb, g, DotProductDecoder(), dice_loss, variant="feature",
-                             pixel_embeddings_g=f_g + 2.0)
+    feat = equivariance_loss(
+        [q], [masks], emb, g, DotProductDecoder(), dice_loss, variant="feature", pixel_embeddings_g=f_g + 2.0
+    )
     assert feat.item() == pytest.approx(4.0)
     with pytest.raises(ValueError, match="'rotate'"):
         equivariance_loss([q], [masks], emb, g, DotProductDecoder(), dice_loss, variant="rotate")

@@ -58,8 +58,10 @@ def test_pairs_from_the_same_image_are_excluded_by_hand():
 def test_no_valid_pair_gives_connected_zero():
     q = torch.randn(3, 4, requires_grad=True)
     ids = torch.tensor([1, 1, 1])
-    for pixels, pids in [(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)),  # empty memory and batch
-                         (torch.randn(5, 4), torch.ones(5, dtype=torch.long))]:  # single image, minibatch
+    for pixels, pids in [
+        (torch.randn(0, 4), torch.zeros(0, dtype=torch.long)),  # empty memory and batch
+        (torch.randn(5, 4), torch.ones(5, dtype=torch.long)),
+    ]:  # single image, minibatch
         loss = inter_scene_loss(q, ids, pixels, pids, DotProductDecoder())
         assert loss.item() == 0.0 and loss.requires_grad
         (g,) = torch.autograd.grad(loss, q)

@@ -72,9 +72,6 @@ def test_collate_pads_to_multiple_of_32_with_valid_mask():
     assert batch["pixel_mask"].shape == (2, 96, 96)
     assert batch["pixel_mask"][0].sum() == 50 * 70 and batch["pixel_mask"][1].sum() == 65 * 40
     assert batch["images"][0, :, 50:].abs().sum() == 0 and batch["images"][0, :, :, 70:].abs().sum() == 0
-    assert (
-        batch["targets"][0]["masks"].shape == (2, 96, 96)
-        and batch["targets"][0]["masks"].sum() == 2 * 50 * 70
-    )
+    assert batch["targets"][0]["masks"].shape == (2, 96, 96) and batch["targets"][0]["masks"].sum() == 2 * 50 * 70
     assert batch["targets"][1]["masks"].shape == (0, 96, 96)
     assert batch["targets"][1]["size"] == (65, 40)

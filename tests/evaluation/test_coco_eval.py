@@ -20,9 +20,7 @@ def _gt_as_results(gt: dict) -> list[dict]:
             continue
         rle = coco.annToRLE(a)
         rle["counts"] = rle["counts"].decode()
-        results.append(
-            {"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": rle, "score": 1.0}
-        )
+        results.append({"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": rle, "score": 1.0})
     return results
 
 

@@ -1,0 +1,135 @@
+"""IUQCriterion: the two objectives of one training step, for any training loop.
+
+It only orchestrates the pure pieces (sampling, memory, Eq. 5, Eq. 8) in the order of a step:
+
+    terms, samples = criterion(...)        # L_inter and L_equi, unweighted
+    loss = base_loss + sum(criterion.weights[k] * terms[k] for k in terms)
+    loss.backward(); optimizer.step()
+    criterion.update_memory(samples)       # after the loss: a batch never contrasts with itself twice
+
+Views: a batch of B images may come with their transformed views g(I). All per-view inputs list
+the B original views first, then the B g-views (V * B entries, V = 1 or 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from iuq.core.config import IUQConfig
+from iuq.core.equivariance import equivariance_loss
+from iuq.core.inter_scene import inter_scene_loss, inter_scene_negatives
+from iuq.core.memory import PixelMemory
+from iuq.core.sampling import PixelSamples, sample_pixels
+from iuq.core.transforms import BatchTransform
+
+
+class IUQCriterion(nn.Module):
+    """Args:
+    cfg: the method's settings.
+    decoder: the base model's <q, I> on flat pixels.
+    pixel_dim: channels D of the pixel embeddings stored in memory.
+    mask_loss: the base model's mask loss (logits [Q, P], targets [Q, P], num_masks) -> scalar, reused
+        as L_equi.
+    """
+
+    def __init__(self, cfg: IUQConfig, decoder: nn.Module, pixel_dim: int, mask_loss: Callable):
+        super().__init__()
+        self.cfg, self.decoder, self.mask_loss = cfg, decoder, mask_loss
+        use_memory = cfg.inter and cfg.inter_mode == "memory"
+        self.memory = PixelMemory(cfg.memory_capacity, pixel_dim) if use_memory else None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {"loss_inter": self.cfg.inter_weight, "loss_equi": self.cfg.equi_weight}
+
+    def sample(
+        self,
+        pixel_embeddings: torch.Tensor,
+        gt_masks: list[torch.Tensor],
+        image_ids: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> PixelSamples:
+        """Instance pixels of a batch, by the configured strategy."""
+        k = self.cfg.samples_per_image if self.cfg.sampling == "sparse" else self.cfg.samples_per_instance
+        return sample_pixels(pixel_embeddings, gt_masks, image_ids, self.cfg.sampling, k, generator)
+
+    def forward(
+        self,
+        pixel_embeddings: torch.Tensor,
+        queries: list[torch.Tensor],
+        target_masks: list[torch.Tensor],
+        gt_masks: list[torch.Tensor],
+        image_ids: torch.Tensor,
+        g: BatchTransform | None = None,
+        query_xy: list[torch.Tensor] | None = None,
+        num_masks: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[dict[str, torch.Tensor], PixelSamples]:
+        """L_inter and L_equi of one batch (unweighted) and the samples to enqueue afterwards.
+
+        Args:
+            pixel_embeddings: [V*B, D, h, w] f of every view (with grad).
+            queries: V*B tensors [Q_i, d], the matched queries of each view (with grad).
+            target_masks: V*B tensors [Q_i, H, W] bool, the matched ground truth of each query
+                (already transformed for g-views).
+            gt_masks: B tensors [K_i, H, W] bool, all instances of the original views.
+            image_ids: [B] source image ids (dataset-wide, so memory entries of an image are
+                recognised in later epochs).
+            g: the transforms of the g-views (None when there are none).
+            query_xy: V*B tensors [Q_i, 2 or 3] for decoders with coordinates.
+            num_masks: normaliser of L_equi (the base model's, e.g. all-reduced mask count).
+        """
+        b = len(gt_masks)
+        views = pixel_embeddings.shape[0] // max(b, 1)
+        if views * b != pixel_embeddings.shape[0] or len(queries) != views * b:
+            raise ValueError(
+                f"expected V*B entries for B={b} images, got embeddings {pixel_embeddings.shape[0]}"
+                f" and queries {len(queries)}"
+            )
+        image_ids = torch.as_tensor(image_ids, dtype=torch.int64, device=pixel_embeddings.device)
+        # Batch negatives come from the original views; the g-views show the same instances again.
+        samples = self.sample(pixel_embeddings[:b], gt_masks, image_ids, generator)
+        zero = pixel_embeddings.sum() * 0 + sum(q.sum() * 0 for q in queries)
+        terms = {}
+        if self.cfg.inter:
+            q_all = torch.cat(queries)  # [sum Q_i, d]
+            q_ids = torch.cat([image_ids[i % b].expand(q.shape[0]) for i, q in enumerate(queries)])
+            negatives = inter_scene_negatives(samples, self.memory, self.cfg.inter_mode)
+            q_xy = torch.cat(query_xy) if query_xy is not None else None
+            terms["loss_inter"] = zero + inter_scene_loss(
+                q_all,
+                q_ids,
+                negatives.embeddings,
+                negatives.image_ids,
+                self.decoder,
+                negatives.xy,
+                q_xy,
+                loss=self.cfg.inter_loss,
+                alpha=self.cfg.focal_alpha,
+                gamma=self.cfg.focal_gamma,
+                chunk_size=self.cfg.chunk_size,
+            )
+        if self.cfg.equi:
+            if views != 2 or g is None:
+                raise ValueError("equivariance needs the g-views: pass V=2 views and their transform g")
+            terms["loss_equi"] = zero + equivariance_loss(
+                queries[b:],
+                target_masks[b:],
+                pixel_embeddings[:b],
+                g,
+                self.decoder,
+                self.mask_loss,
+                variant=self.cfg.equi_variant,
+                pixel_embeddings_g=pixel_embeddings[b:],
+                query_xy_g=query_xy[b:] if query_xy is not None else None,
+                num_masks=num_masks,
+            )
+        return terms, samples
+
+    def update_memory(self, samples: PixelSamples) -> None:
+        """Enqueue this batch's samples (gathered from all ranks); call after the loss."""
+        if self.memory is not None:
+            self.memory.enqueue(samples)
