@@ -1,0 +1,82 @@
+"""Step time of Mask2Former + IUQ vs the baseline at equal views per batch (Table 3's overhead).
+
+Both arms train the same tiny Mask2Former on the embedded synthetic data with two views per image:
+the baseline is the "augmentation" arm (g-views as extra samples, no IUQ term), IUQ adds L_inter
+(with a 100k memory) and L_equi. Arms alternate step by step so machine noise hits both alike.
+
+    python benchmarks/train_step.py --images 4 --steps 20
+
+Last line: `iuq/baseline step time: R` (the paper reports ~1.05 on 8 A100s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from iuq.core.config import IUQConfig
+from iuq.core.criterion import IUQCriterion
+from iuq.data.coco import CocoInstances
+from iuq.data.synthetic import SynthConfig, generate
+from iuq.data.transforms import collate
+from iuq.engine.step import training_step
+from iuq.models.mask2former import Mask2FormerAdapter, Mask2FormerModelConfig, build_mask2former
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=4, help="images per batch (x2 views)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--memory", type=int, default=100_000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    root = Path(tempfile.mkdtemp())
+    generate(root, SynthConfig(images=args.images * 4, size=args.size, seed=0))
+    ds = CocoInstances(root / "annotations" / "instances_train.json", root / "train")
+    arms = {}
+    for name, cfg in {
+        "baseline": IUQConfig(inter=False, equi=True, equi_variant="augmentation"),
+        "iuq": IUQConfig(memory_capacity=args.memory),
+    }.items():
+        torch.manual_seed(0)
+        model = Mask2FormerAdapter(build_mask2former(Mask2FormerModelConfig(num_labels=4))).to(device)
+        crit = IUQCriterion(cfg, model.decoder, 64, model.mask_loss).to(device)
+        if crit.memory is not None:  # a full memory, as in steady-state training
+            crit.memory.embeddings.normal_()
+            crit.memory.count.fill_(args.memory)
+        arms[name] = (model, crit, torch.optim.AdamW(model.parameters(), lr=1e-4), [])
+    batches = len(ds) // args.images
+    for step in range(args.steps + 2):
+        idx = list(range((step % batches) * args.images, (step % batches + 1) * args.images))
+        batch = collate([ds[i] for i in idx])
+        images, mask = batch["images"].to(device), batch["pixel_mask"].to(device)
+        targets = [{**t, "masks": t["masks"].to(device), "labels": t["labels"].to(device)} for t in batch["targets"]]
+        ids = torch.tensor([t["image_id"] for t in targets], device=device)
+        for model, crit, opt, times in arms.values():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            res = training_step(model, crit, images, mask, targets, ids, torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            res.loss.backward()
+            opt.step()
+            crit.update_memory(res.samples)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= 2:  # warm-up
+                times.append(time.perf_counter() - t0)
+    med = {name: statistics.median(arm[3]) for name, arm in arms.items()}
+    for name, t in med.items():
+        print(f"{name:8s} median step {t * 1000:.1f} ms over {args.steps} steps")
+    print(f"iuq/baseline step time: {med['iuq'] / med['baseline']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

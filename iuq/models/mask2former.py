@@ -1,0 +1,202 @@
+"""Mask2Former from HF transformers behind the interface iuq needs (DESIGN.md).
+
+The model itself is `transformers.Mask2FormerForUniversalSegmentation`, unchanged. Its forward
+returns neither the per-query mask embeddings q_n nor the matching sigma, so the adapter:
+
+- recomputes q_n = mask_embedder(layernorm(transformer_decoder_last_hidden_state)), which is exactly
+  how the model forms `masks_queries_logits` from `pixel_decoder_last_hidden_state` (tested);
+- captures sigma with a forward hook on `model.criterion.matcher`: the matcher samples random
+  points, so a second call could disagree; its first call in a forward is the final layer's
+  (auxiliary layers are matched by direct `forward` calls, which hooks do not see);
+- captures the unweighted loss terms with a forward hook on `model.criterion` (as copies: the
+  model weights the criterion's tensors in place afterwards).
+
+Internals used: `model.model.transformer_module.decoder.{layernorm, mask_predictor.mask_embedder}`,
+`model.criterion`, `model.criterion.matcher`. `tests/models/test_mask2former.py` fails if they move.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from iuq.core.decoders import DotProductDecoder
+from iuq.core.losses import bce_dice_mask_loss
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Mask2FormerModelConfig:
+    """A Mask2Former to build at random init, or `pretrained` to load.
+
+    backbone: "resnet" or "swin" (random init; no weights are downloaded).
+    pretrained: path or hub id of any HF Mask2Former checkpoint; overrides the architecture fields.
+    backbone_widths / backbone_depths: per-stage channels (ResNet) or depths (both).
+    swin_embed_dim, swin_heads: Swin stem width and heads per stage.
+    num_labels: object classes (set from the dataset by the trainer).
+    num_queries, hidden_dim, mask_feature_size, encoder_layers, decoder_layers, heads, ffn_dim:
+        the Mask2Former head.
+    train_num_points: points sampled per mask in the model's own mask loss (12544 in the paper's
+        recipe; fewer is faster on CPU).
+    """
+
+    backbone: str = "resnet"
+    pretrained: str | None = None
+    backbone_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    backbone_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    swin_embed_dim: int = 48
+    swin_heads: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    num_labels: int = 80
+    num_queries: int = 50
+    hidden_dim: int = 64
+    mask_feature_size: int = 64
+    encoder_layers: int = 2
+    decoder_layers: int = 3
+    heads: int = 4
+    ffn_dim: int = 128
+    train_num_points: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.backbone not in ("resnet", "swin"):
+            raise ValueError(f"model.backbone: {self.backbone!r} is not one of ('resnet', 'swin')")
+        if self.decoder_layers < 1 or self.num_queries < 1 or self.num_labels < 1:
+            raise ValueError("model.decoder_layers, model.num_queries and model.num_labels must be >= 1")
+
+
+def build_mask2former(cfg: Mask2FormerModelConfig):
+    """An HF `Mask2FormerForUniversalSegmentation` from our config (random init or `pretrained`)."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
+
+    if cfg.pretrained:
+        return Mask2FormerForUniversalSegmentation.from_pretrained(
+            cfg.pretrained, num_labels=cfg.num_labels, ignore_mismatched_sizes=True
+        )
+    stages = [f"stage{i + 1}" for i in range(4)]
+    if cfg.backbone == "resnet":
+        backbone = ResNetConfig(
+            embedding_size=cfg.backbone_widths[0],
+            hidden_sizes=list(cfg.backbone_widths),
+            depths=list(cfg.backbone_depths),
+            layer_type="basic",
+            out_features=stages,
+        )
+    else:
+        backbone = SwinConfig(
+            embed_dim=cfg.swin_embed_dim,
+            depths=list(cfg.backbone_depths),
+            num_heads=list(cfg.swin_heads),
+            window_size=7,
+            out_features=stages,
+        )
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        num_labels=cfg.num_labels,
+        num_queries=cfg.num_queries,
+        hidden_dim=cfg.hidden_dim,
+        mask_feature_size=cfg.mask_feature_size,
+        feature_size=cfg.mask_feature_size,
+        encoder_layers=cfg.encoder_layers,
+        decoder_layers=cfg.decoder_layers,
+        num_attention_heads=cfg.heads,
+        encoder_feedforward_dim=cfg.ffn_dim,
+        dim_feedforward=cfg.ffn_dim,
+        train_num_points=cfg.train_num_points,
+    )
+    return Mask2FormerForUniversalSegmentation(config)
+
+
+@dataclass
+class SegmenterOutput:
+    """What iuq reads from one forward of a base segmenter on a batch of B images.
+
+    loss: the model's own weighted total; loss_terms: its unweighted terms (incl. auxiliary layers).
+    pixel_embeddings: [B, D, h, w] ("I" of the paper); stride: input pixels per embedding cell.
+    query_embeddings: [B, Q, D] q_n of every query; mask_logits [B, Q, h, w]; class_logits [B, Q, C+1].
+    indices: per image (query indices, target indices), the model's own matching sigma.
+    """
+
+    loss: torch.Tensor | None
+    loss_terms: dict[str, torch.Tensor]
+    pixel_embeddings: torch.Tensor
+    stride: int
+    query_embeddings: torch.Tensor
+    mask_logits: torch.Tensor
+    class_logits: torch.Tensor
+    indices: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+
+class Mask2FormerAdapter(nn.Module):
+    """Wraps an HF Mask2Former; `self.model` stays a plain HF model (save_pretrained works as is)."""
+
+    stride = 4  # mask features are at 1/4 of the input
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.decoder = DotProductDecoder()
+        self._caught: dict = {}
+        model.criterion.matcher.register_forward_hook(self._catch_indices)
+        model.criterion.register_forward_hook(self._catch_losses)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _catch_indices(self, module, args, output) -> None:
+        self._caught.setdefault("indices", output)  # first call = final decoder layer
+
+    def _catch_losses(self, module, args, output) -> None:
+        # Copies: the model then multiplies these very tensors by its loss weights in place.
+        self._caught["losses"] = {k: v.clone() for k, v in output.items()}
+
+    def mask_loss(self, logits: torch.Tensor, targets: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
+        """The model's mask loss form (weighted BCE + dice, its configured weights), dense, for L_equi."""
+        c = self.model.config
+        return bce_dice_mask_loss(logits, targets, num_masks, bce_weight=c.mask_weight, dice_weight=c.dice_weight)
+
+    def query_embeddings(self, decoder_last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """[B, Q, hidden] -> q_n [B, Q, D], as the model's mask predictor forms them."""
+        decoder = self.model.model.transformer_module.decoder
+        return decoder.mask_predictor.mask_embedder(decoder.layernorm(decoder_last_hidden_state))
+
+    def forward(
+        self, images: torch.Tensor, pixel_mask: torch.Tensor | None = None, targets: list[dict] | None = None
+    ) -> SegmenterOutput:
+        """images [B, 3, H, W] in [0, 1]; pixel_mask [B, H, W] bool; targets with `masks` [K, H, W]
+        bool and `labels` [K] (omit for inference)."""
+        self._caught = {}
+        labels = None
+        if targets is not None:
+            labels = {
+                "mask_labels": [t["masks"].to(images.dtype) for t in targets],
+                "class_labels": [t["labels"] for t in targets],
+            }
+        out = self.model(
+            pixel_values=(images - self.mean) / self.std,
+            pixel_mask=pixel_mask.long() if pixel_mask is not None else None,
+            **(labels or {}),
+        )
+        return SegmenterOutput(
+            loss=out.loss,
+            loss_terms=dict(self._caught.get("losses", {})),
+            pixel_embeddings=out.pixel_decoder_last_hidden_state,
+            stride=self.stride,
+            query_embeddings=self.query_embeddings(out.transformer_decoder_last_hidden_state),
+            mask_logits=out.masks_queries_logits,
+            class_logits=out.class_queries_logits,
+            indices=self._caught.get("indices"),
+        )
+
+    @staticmethod
+    def matched(output: SegmenterOutput, targets: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image: matched queries [Q_i, D] and their ground-truth masks [Q_i, H, W] (sigma order)."""
+        if output.indices is None:
+            raise ValueError("no matching was captured: run the forward with targets")
+        queries, masks = [], []
+        for b, (src, tgt) in enumerate(output.indices):
+            queries.append(output.query_embeddings[b, src.to(output.query_embeddings.device)])
+            masks.append(targets[b]["masks"][tgt.to(targets[b]["masks"].device)])
+        return queries, masks
