@@ -32,12 +32,10 @@ def inter_scene_negatives(batch: PixelSamples, memory: PixelMemory | None, mode:
     "minibatch": this batch's samples only (Table 4c, row 2). Pairs from the query's own image are
     removed later by image id, which also covers memory entries from an earlier view of that image.
     """
-    if mode == "minibatch" or memory is None or len(memory) == 0:
-        if mode not in ("memory", "minibatch"):
-            raise ValueError(f"unknown inter-scene mode {mode!r}; use 'memory' or 'minibatch'")
-        return batch
-    if mode != "memory":
+    if mode not in ("memory", "minibatch"):
         raise ValueError(f"unknown inter-scene mode {mode!r}; use 'memory' or 'minibatch'")
+    if mode == "minibatch" or memory is None or len(memory) == 0:
+        return batch
     mem = memory.contents()
     return PixelSamples.cat([batch, PixelSamples(mem.embeddings.to(batch.embeddings.dtype), mem.xy, mem.image_ids)])
 

@@ -18,6 +18,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.ops import masks_to_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,6 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     """
     if masks.shape[0] == 0:
         return torch.zeros((0, 4), dtype=torch.float32)
-    from torchvision.ops import masks_to_boxes
-
     boxes = masks_to_boxes(masks)  # [K, 4]
     boxes[:, 2:] += 1
     return boxes

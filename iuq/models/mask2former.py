@@ -200,3 +200,39 @@ class Mask2FormerAdapter(nn.Module):
             queries.append(output.query_embeddings[b, src.to(output.query_embeddings.device)])
             masks.append(targets[b]["masks"][tgt.to(targets[b]["masks"].device)])
         return queries, masks
+
+
+@torch.no_grad()
+def instance_predictions(
+    output: SegmenterOutput, sizes: list[tuple[int, int]], orig_sizes: list[tuple[int, int]], top_k: int = 100
+) -> list[dict]:
+    """Mask2Former's instance inference: top-k (query, class) pairs by class probability, scored by
+    class probability x mean mask probability inside the predicted mask.
+
+    Args:
+        output: a forward's output on a padded batch.
+        sizes: per image (h, w) of the valid (unpadded) region in the input.
+        orig_sizes: per image (H, W) to resize masks to (the dataset's original size).
+    Returns per image `masks` [N, H, W] bool, `scores` [N], `labels` [N] (contiguous labels).
+    """
+    b, q, num_cls = output.class_logits.shape[0], output.class_logits.shape[1], output.class_logits.shape[2] - 1
+    stride = output.stride
+    results = []
+    for i in range(b):
+        probs = output.class_logits[i].softmax(-1)[:, :num_cls]  # [Q, C] (last column: no object)
+        k = min(top_k, q * num_cls)
+        scores, flat = probs.flatten().topk(k)
+        query, labels = flat // num_cls, flat % num_cls
+        h, w = sizes[i]
+        logits = output.mask_logits[i, query]  # [k, h/4, w/4] on the padded grid
+        hp, wp = logits.shape[-2] * stride, logits.shape[-1] * stride
+        logits = torch.nn.functional.interpolate(logits[None], size=(hp, wp), mode="bilinear", align_corners=False)
+        logits = logits[0, :, :h, :w]  # crop the padding
+        logits = torch.nn.functional.interpolate(
+            logits[None], size=orig_sizes[i], mode="bilinear", align_corners=False
+        )[0]
+        masks = logits > 0
+        mask_prob = logits.sigmoid()
+        mask_score = (mask_prob * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
+        results.append({"masks": masks, "scores": scores * mask_score, "labels": labels})
+    return results

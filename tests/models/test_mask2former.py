@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from iuq.models.mask2former import Mask2FormerAdapter, Mask2FormerModelConfig, build_mask2former
@@ -90,3 +91,24 @@ def test_save_pretrained_loads_in_plain_transformers_with_identical_outputs(tmp_
     )
     res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
     assert float(res.stdout.strip().splitlines()[-1]) == 0.0
+
+
+def test_instance_predictions_on_a_constructed_output():
+    from iuq.models.mask2former import SegmenterOutput, instance_predictions
+
+    # One image, valid 32x24 of a 32x32 padded canvas, stride 4 -> 8x8 logits; 2 queries, 3 classes.
+    mask_logits = torch.full((1, 2, 8, 8), -200.0)
+    mask_logits[0, 0, 0:4, 0:3] = (
+        200.0  # sharp: bilinear edges stay saturated  # query 0: top-left block, 16 x 12 input pixels
+    )
+    class_logits = torch.tensor([[[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]]])  # query 1 is "no object"
+    out = SegmenterOutput(None, {}, torch.zeros(1, 1, 8, 8), 4, torch.zeros(1, 2, 1), mask_logits, class_logits, None)
+    (pred,) = instance_predictions(out, sizes=[(32, 24)], orig_sizes=[(64, 48)], top_k=2)
+    p0 = torch.tensor([5.0, 0, 0, 0]).softmax(0)[0]
+    assert pred["labels"].tolist()[0] == 0
+    assert pred["scores"][0].item() == pytest.approx(p0.item(), rel=1e-4)  # mask prob ~1 inside its mask
+    assert pred["masks"].shape == (2, 64, 48)
+    # The block covers input rows 0-16 and columns 0-12, i.e. 0-32 x 0-24 at the original size; the
+    # two bilinear resizes move the edge by at most a few pixels.
+    m = pred["masks"][0]
+    assert m[:28, :20].all() and not m[34:].any() and not m[:, 26:].any()
