@@ -17,9 +17,6 @@ class DotProductDecoder(nn.Module):
 
     uses_coordinates = False
 
-    def num_query_params(self, pixel_dim: int) -> int:
-        return pixel_dim
-
     def forward(self, queries, pixels, pixel_xy=None, query_xy=None) -> torch.Tensor:
         """queries [Q, D], pixels [P, D] -> logits [Q, P]."""
         return queries @ pixels.t()

@@ -85,10 +85,6 @@ class BatchTransform:
         return out * norm
 
 
-def identity(batch: int, device=None) -> BatchTransform:
-    return BatchTransform(torch.ones(batch, 2, device=device), torch.zeros(batch, 2, device=device))
-
-
 def hflip(batch: int, valid: torch.Tensor | None = None, device=None) -> BatchTransform:
     """Flip every image horizontally within its valid region ([B, 2] fractions, default whole canvas)."""
     valid = torch.ones(batch, 2, device=device) if valid is None else valid
