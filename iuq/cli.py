@@ -7,9 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path("data/synthetic")
-
-
 def _synth(args) -> None:
     from iuq.data.synthetic import SynthConfig, generate
 
@@ -60,29 +57,86 @@ def _as_results(args) -> None:
 def _eval(args) -> None:
     from iuq.evaluation.coco_eval import evaluate_results, format_table, write_metrics
 
-    if args.pred is None or args.gt is None:
-        raise SystemExit("iuq eval: give --gt ANN.json and --pred RESULTS.json")
-    with open(args.pred) as f:
-        results = json.load(f)
-    if not isinstance(results, list):
-        raise SystemExit(f"{args.pred}: expected a JSON list of COCO results")
-    metrics = evaluate_results(args.gt, results, backend=args.backend)
+    if args.model is not None:
+        metrics = _eval_model(args)
+    else:
+        if args.pred is None or args.gt is None:
+            raise SystemExit("iuq eval: give CHECKPOINT_OR_MODEL_DIR --data ANN.json --images DIR, or --gt and --pred")
+        with open(args.pred) as f:
+            results = json.load(f)
+        if not isinstance(results, list):
+            raise SystemExit(f"{args.pred}: expected a JSON list of COCO results")
+        metrics = evaluate_results(args.gt, results, backend=args.backend)
     print(format_table(metrics))
     if args.out:
         write_metrics(metrics, args.out)
         print(f"metrics written to {args.out}")
 
 
-def _demo(args) -> None:
-    """Main job until training lands: build the embedded dataset, print its statistics, preview it."""
-    from iuq.data.stats import dataset_stats, format_stats
+def _eval_model(args) -> dict:
+    from iuq.data.coco import CocoInstances
+    from iuq.engine.inference import evaluate, load_trained
 
-    root = Path(args.data)
-    ann = root / "annotations" / "instances_train.json"
-    if not ann.exists():
-        _synth(argparse.Namespace(out=root, images=args.images, seed=0, size=256))
-    print(format_stats(dataset_stats(ann)))
-    _preview(argparse.Namespace(data=ann, images=root / "train", out=root / "preview", num=4))
+    if args.data is None or args.images is None:
+        raise SystemExit("iuq eval CHECKPOINT_OR_MODEL_DIR: give --data ANN.json and --images DIR")
+    trained = load_trained(args.model)
+    dataset = CocoInstances(args.data, args.images)
+    metrics, results = evaluate(trained, dataset, backend=args.backend, device=_device(args.device))
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results))
+        print(f"{len(results)} results written to {args.results}")
+    return metrics
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _train(args) -> None:
+    from iuq.config import load_config
+    from iuq.engine.train import train
+
+    config = args.config
+    if config is None and args.resume and args.out is not None:
+        config = args.out / "config.yaml"  # a resumed run keeps its own resolved config
+    overrides = list(args.set or [])
+    if args.out is not None:
+        overrides.append(f"out={args.out}")
+    cfg = load_config(config, overrides)
+    train(cfg, resume=args.resume)
+
+
+def _predict(args) -> None:
+    import torch
+
+    from iuq.data.coco import read_image
+    from iuq.data.transforms import collate
+    from iuq.engine.inference import load_trained, predict, prepare_image
+    from iuq.evaluation.coco_eval import to_results
+    from iuq.visualize import draw_instances, save_png
+
+    trained = load_trained(args.model)
+    device = _device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for number, path in enumerate(args.images, start=1):
+        image = read_image(path)
+        pred = predict(trained, collate([prepare_image(image, trained)]), device)[0]
+        masks, scores, labels = pred["masks"].cpu(), pred["scores"].cpu(), pred["labels"].cpu()
+        categories = torch.as_tensor(trained.label_to_category)[labels]
+        for r in to_results(number, masks, scores, categories):
+            results.append({**r, "file_name": str(path)})
+        keep = scores >= args.threshold
+        drawn = draw_instances(image, masks[keep], labels[keep], trained.class_names, scores[keep])
+        save_png(drawn, args.out / f"{Path(path).stem}.png")
+        print(f"{path}: {int(keep.sum())} instances with score >= {args.threshold}")
+    (args.out / "results.json").write_text(json.dumps(results))
+    print(f"overlays and results.json ({len(results)} results; image_id = position in the list) in {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,27 +170,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path)
     s.set_defaults(func=_as_results)
 
-    s = sub.add_parser("eval", help="COCO mask AP of a results JSON")
-    s.add_argument("--gt", type=Path, help="ground-truth instances JSON")
+    s = sub.add_parser(
+        "eval",
+        help="COCO mask AP of a trained model on a dataset, or of a results JSON",
+        description="iuq eval CHECKPOINT_OR_MODEL_DIR --data ANN.json --images DIR [--out metrics.json], "
+        "or iuq eval --gt ANN.json --pred RESULTS.json",
+    )
+    s.add_argument("model", nargs="?", type=Path, help="checkpoints/last.ckpt or the model/ directory of a run")
+    s.add_argument("--data", type=Path, help="instances JSON to evaluate on (with a model)")
+    s.add_argument("--images", type=Path, help="image folder of --data")
+    s.add_argument("--results", type=Path, help="also write the model's COCO results JSON here")
+    s.add_argument("--gt", type=Path, help="ground-truth instances JSON (with --pred)")
     s.add_argument("--pred", type=Path, help="COCO results JSON (segmentation RLE, score)")
     s.add_argument("--out", type=Path, help="write AP, AP50, AP75, APs, APm, APl here")
     s.add_argument("--backend", choices=("faster", "pycocotools"), default="faster")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.set_defaults(func=_eval)
 
-    s = sub.add_parser("demo", help="the main job on the embedded synthetic data")
-    s.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    s.add_argument("--images", type=int, default=200)
-    s.set_defaults(func=_demo)
+
+    s = sub.add_parser("train", help="train a segmenter with (or without) IUQ from a YAML config")
+    s.add_argument("config", nargs="?", type=Path, help="YAML config (configs/demo.yaml, ...); defaults if omitted")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.001")
+    s.add_argument("--out", type=Path, help="run directory (overrides the config's `out`)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+    s.set_defaults(func=_train)
+
+    s = sub.add_parser("predict", help="instance masks of images: PNG overlays and a COCO results JSON")
+    s.add_argument("model", type=Path, help="checkpoints/last.ckpt or the model/ directory of a run")
+    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--threshold", type=float, default=0.5, help="score threshold of the overlays")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    s.set_defaults(func=_predict)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from iuq.config import ConfigError
     from iuq.data.coco import DatasetError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DatasetError, FileNotFoundError) as err:
+    except (DatasetError, ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"iuq: error: {err}", file=sys.stderr)
         return 2
     return 0

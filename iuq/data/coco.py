@@ -85,6 +85,16 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
+def read_image(path: str | Path, what: str = "image") -> torch.Tensor:
+    """RGB image file -> [3, H, W] float32 in [0, 1]; unreadable files raise DatasetError naming them."""
+    try:
+        with Image.open(path) as im:
+            image = pil_to_tensor(im.convert("RGB"))  # [3, H, W] uint8
+    except (OSError, UnidentifiedImageError) as err:
+        raise DatasetError(f"{path}: cannot read {what}: {err}") from err
+    return image.float() / 255.0
+
+
 class CocoInstances(torch.utils.data.Dataset):
     """Instances JSON + image folder -> (image [3, H, W] float in [0, 1], target dict).
 
@@ -179,17 +189,13 @@ class CocoInstances(torch.utils.data.Dataset):
         """image [3, H, W] float32 in [0, 1]."""
         info = self.images[image_id]
         path = self.image_dir / info["file_name"]
-        try:
-            with Image.open(path) as im:
-                image = pil_to_tensor(im.convert("RGB"))  # [3, H, W] uint8
-        except (OSError, UnidentifiedImageError) as err:
-            raise DatasetError(f"{path}: cannot read image {image_id}: {err}") from err
+        image = read_image(path, f"image {image_id}")
         if tuple(image.shape[1:]) != (info["height"], info["width"]):
             raise DatasetError(
                 f"{path}: image is {image.shape[2]}x{image.shape[1]} but {self.ann_file} says "
                 f"{info['width']}x{info['height']} for image id {image_id}"
             )
-        return image.float() / 255.0
+        return image
 
     def load_target(self, image_id: int) -> dict:
         info = self.images[image_id]

@@ -76,6 +76,11 @@ def training_step(
     loss = out.loss
     samples = None
     if criterion is not None and (criterion.cfg.inter or criterion.cfg.equi):
+        # Pixel sampling draws on the embeddings' device; its generator is seeded from the CPU one.
+        sample_generator = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (), generator=generator))
+            sample_generator = torch.Generator(device=images.device).manual_seed(seed)
         queries, masks = model.matched(out, all_targets)
         iuq_terms, samples = criterion(
             out.pixel_embeddings,
@@ -85,7 +90,7 @@ def training_step(
             image_ids,
             g=g,
             num_masks=max(sum(q.shape[0] for q in queries[b:]), 1),
-            generator=generator,
+            generator=sample_generator,
         )
         for name, value in iuq_terms.items():
             terms[name] = value

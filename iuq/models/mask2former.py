@@ -65,6 +65,9 @@ class Mask2FormerModelConfig:
             raise ValueError(f"model.backbone: {self.backbone!r} is not one of ('resnet', 'swin')")
         if self.decoder_layers < 1 or self.num_queries < 1 or self.num_labels < 1:
             raise ValueError("model.decoder_layers, model.num_queries and model.num_labels must be >= 1")
+        for name in ("hidden_dim", "mask_feature_size"):  # the pixel decoder's GroupNorm has 32 groups
+            if getattr(self, name) % 32:
+                raise ValueError(f"model.{name}: must be a multiple of 32, got {getattr(self, name)}")
 
 
 def build_mask2former(cfg: Mask2FormerModelConfig):

@@ -1,0 +1,255 @@
+"""Run configuration: YAML files validated into typed dataclasses.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.lr=0.001", "iuq.equi=false"])
+
+Every key is checked against the dataclass fields and their annotated types before any work
+starts; an unknown key or a wrong type raises `ConfigError` naming the dotted key. `--set` values
+are parsed as YAML scalars/lists, so `train.max_steps=200` is an int and `data.train_short_side=[96,160]`
+a list. Relative paths are taken relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from iuq.core.config import IUQConfig
+from iuq.data.synthetic import SynthConfig
+from iuq.models.mask2former import Mask2FormerModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, missing or of the wrong type (the message names it)."""
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig(SynthConfig):
+    """The embedded synthetic dataset, generated into `dir` when the training annotations are absent."""
+
+    dir: str = "data/synthetic"
+
+
+@dataclass
+class DataConfig:
+    """COCO-format train / val splits and augmentation.
+
+    train_short_side: (lo, hi) range of the random shortest side; max_size caps the long side.
+    test_short_side: shortest side at evaluation and prediction.
+    crop_p, crop_min: probability and minimum relative side of the random crop augmentation.
+    batch_size: images per device per step (the paper's 16 is the global batch: 8 GPUs x 2).
+    synthetic: when set and `train_ann` does not exist, the embedded dataset is generated first.
+    """
+
+    train_ann: str = "data/synthetic/annotations/instances_train.json"
+    train_images: str = "data/synthetic/train"
+    val_ann: str | None = "data/synthetic/annotations/instances_val.json"
+    val_images: str | None = "data/synthetic/val"
+    synthetic: SyntheticDataConfig | None = None
+    train_short_side: list[int] = field(default_factory=lambda: [400, 1200])
+    max_size: int = 1333
+    test_short_side: int = 800
+    flip_p: float = 0.5
+    crop_p: float = 0.0
+    crop_min: float = 0.6
+    batch_size: int = 2
+    num_workers: int = 2
+    skip_invalid: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and the Lightning trainer.
+
+    optimizer: "adamw" or "sgd"; backbone_lr_mult scales the backbone's learning rate.
+    schedule: "poly" ((1 - t/T)^poly_power), "step" (x step_gamma at each of step_milestones, given as
+        fractions of the run) or "constant"; warmup_steps ramps linearly from warmup_factor * lr.
+    max_steps / max_epochs: length of the run (max_steps wins when both are set).
+    precision: Lightning precision ("32-true", "bf16-mixed", "16-mixed"; mixed needs a GPU).
+    accelerator, devices, num_nodes, strategy: passed to `lightning.Trainer` (DDP under torchrun or
+        SLURM is detected by Lightning).
+    checkpoint_every_steps: also write checkpoints/last.ckpt every this many steps (0: epochs only).
+    eval_every_epochs: COCO evaluation on the val split every this many epochs (0: only at the end).
+    deterministic: request deterministic kernels (CPU runs are deterministic either way).
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    backbone_lr_mult: float = 0.1
+    schedule: str = "poly"
+    poly_power: float = 0.9
+    step_milestones: list[float] = field(default_factory=lambda: [0.889, 0.963])
+    step_gamma: float = 0.1
+    warmup_steps: int = 0
+    warmup_factor: float = 0.001
+    grad_clip: float = 0.01
+    max_steps: int | None = None
+    max_epochs: int | None = 12
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    checkpoint_every_steps: int = 500
+    eval_every_epochs: int = 1
+    log_every_steps: int = 10
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"train.optimizer: {self.optimizer!r} is not one of ('adamw', 'sgd')")
+        if self.schedule not in ("poly", "step", "constant"):
+            raise ConfigError(f"train.schedule: {self.schedule!r} is not one of ('poly', 'step', 'constant')")
+        if self.max_steps is None and self.max_epochs is None:
+            raise ConfigError("train.max_steps / train.max_epochs: set at least one")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be > 0, got {self.lr!r}")
+
+
+@dataclass
+class EvalConfig:
+    """top_k: detections kept per image; backend: "faster" (faster-coco-eval) or "pycocotools";
+    num_vis: prediction PNGs written to the run directory at the end."""
+
+    top_k: int = 100
+    backend: str = "faster"
+    num_vis: int = 4
+    batch_size: int = 4
+
+
+@dataclass
+class RunConfig:
+    """A whole run: `iuq train CONFIG` reads one of these."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Mask2FormerModelConfig = field(default_factory=Mask2FormerModelConfig)
+    iuq: IUQConfig = field(default_factory=IUQConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "runs/demo"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value, tp, key: str):
+    """`value` checked (and int widened to float) against annotation `tp`; ConfigError names `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{key}: got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    else:
+        raise TypeError(f"{key}: unsupported annotation {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls, values: dict, prefix: str = ""):
+    """Build dataclass `cls` from a plain dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    where = f"{prefix}." if prefix else ""
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; valid keys under '{prefix or 'top level'}': "
+            f"{sorted(names)}"
+        )
+    kwargs = {name: _convert(value, hints[name], where + name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(where) or not prefix else f"{prefix}: {message}") from e
+
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object]]:
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.001")
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """RunConfig from a YAML file (or the defaults) plus dotted `KEY=VALUE` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist (shipped configs are in configs/)")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return from_dict(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

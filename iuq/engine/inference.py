@@ -1,0 +1,139 @@
+"""Trained models for evaluation and prediction: from a run checkpoint or a `model/` directory.
+
+A `model/` directory is what `save_pretrained` wrote (config.json, model.safetensors) plus the
+image processor's `preprocessor_config.json` (test-time resize); the COCO category id of each label
+is kept in the model config as `coco_category_ids`, so plain transformers users have it too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iuq.data.coco import CocoInstances
+from iuq.engine.data import ResizeShortSide, test_loader
+from iuq.evaluation.coco_eval import CocoMaskEvaluator
+from iuq.models.mask2former import IMAGENET_MEAN, IMAGENET_STD, Mask2FormerAdapter, instance_predictions
+
+
+@dataclass
+class TrainedModel:
+    model: Mask2FormerAdapter
+    label_to_category: list[int]
+    class_names: list[str]
+    short_side: int
+    max_size: int | None
+    top_k: int = 100
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A run checkpoint, loaded with `weights_only=True` (no arbitrary code runs on load)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{path}: cannot be read as an iuq checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_trained(path: str | Path) -> TrainedModel:
+    """A model for inference from `checkpoints/*.ckpt` or a `model/` directory."""
+    path = Path(path)
+    if path.is_dir():
+        return _from_model_dir(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint or model directory")
+    from iuq.engine.module import IUQModule
+
+    ckpt = load_checkpoint(path)
+    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not an iuq training checkpoint (no hyper_parameters / state_dict)")
+    module = IUQModule(**dict(ckpt["hyper_parameters"]))
+    module.load_state_dict(ckpt["state_dict"])
+    cfg = module.cfg
+    return TrainedModel(
+        module.model.eval(),
+        module.label_to_category,
+        module.class_names,
+        cfg.data.test_short_side,
+        cfg.data.max_size,
+        cfg.eval.top_k,
+    )
+
+
+def _from_model_dir(path: Path) -> TrainedModel:
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; expected a directory written by save_pretrained")
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(path)
+    config = model.config
+    n = config.num_labels
+    categories = list(getattr(config, "coco_category_ids", None) or range(1, n + 1))
+    names = [config.id2label[i] for i in range(n)]
+    processor = path / "preprocessor_config.json"
+    short, longest = 800, 1333
+    if processor.is_file():
+        size = json.loads(processor.read_text()).get("size", {})
+        short, longest = size.get("shortest_edge", short), size.get("longest_edge", longest)
+    return TrainedModel(Mask2FormerAdapter(model).eval(), categories, names, short, longest)
+
+
+def save_model_dir(adapter: Mask2FormerAdapter, path: str | Path, label_to_category, class_names, short_side, max_size):
+    """`save_pretrained` of the plain HF model, with label names, category ids and the processor."""
+    from transformers import Mask2FormerImageProcessor
+
+    model = adapter.model
+    model.config.id2label = dict(enumerate(class_names))
+    model.config.label2id = {name: i for i, name in enumerate(class_names)}
+    model.config.coco_category_ids = list(label_to_category)
+    model.save_pretrained(path)
+    processor = Mask2FormerImageProcessor(
+        size={"shortest_edge": short_side, "longest_edge": max_size},
+        size_divisor=32,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_reduce_labels=False,
+    )
+    processor.save_pretrained(path)
+
+
+@torch.no_grad()
+def predict(trained: TrainedModel, batch: dict, device: torch.device | str = "cpu") -> list[dict]:
+    """Instance predictions (original image size) for a collated batch."""
+    model = trained.model.to(device)
+    out = model(batch["images"].to(device), batch["pixel_mask"].to(device))
+    sizes = [t["size"] for t in batch["targets"]]
+    orig = [tuple(int(v) for v in t["orig_size"]) for t in batch["targets"]]
+    return instance_predictions(out, sizes, orig, top_k=trained.top_k)
+
+
+def evaluate(
+    trained: TrainedModel,
+    dataset: CocoInstances,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    backend: str = "faster",
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, float], list[dict]]:
+    """COCO mask metrics of `trained` on `dataset`, and the results list."""
+    if len(dataset.category_ids) != len(trained.label_to_category) or sorted(dataset.category_ids) != sorted(
+        trained.label_to_category
+    ):
+        raise ValueError(
+            f"{dataset.ann_file}: its categories {dataset.category_ids} differ from the model's "
+            f"{trained.label_to_category}; evaluate on data with the training categories"
+        )
+    evaluator = CocoMaskEvaluator(dataset.ann_file, trained.label_to_category, backend=backend)
+    for batch in test_loader(dataset, trained.short_side, trained.max_size, batch_size, num_workers):
+        evaluator.process([t["image_id"] for t in batch["targets"]], predict(trained, batch, device))
+    return evaluator.evaluate(), evaluator.results
+
+
+def prepare_image(image: torch.Tensor, trained: TrainedModel):
+    """One image tensor [3, H, W] in [0, 1] -> the (image, target) pair the collate function takes."""
+    h, w = image.shape[-2:]
+    target = {"masks": torch.zeros((0, h, w), dtype=torch.bool), "labels": torch.zeros(0, dtype=torch.int64)}
+    target["orig_size"] = (h, w)
+    return ResizeShortSide(trained.short_side, trained.max_size)(image, target)

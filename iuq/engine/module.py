@@ -1,0 +1,154 @@
+"""The LightningModule: a base segmenter (Mask2Former) trained with or without IUQ.
+
+Per step: `iuq.engine.step.training_step` (views, one forward, base + IUQ losses), a finiteness
+check of every term, logging, and, after the optimiser step, the memory update. The randomness of a
+step (the model's point sampling, G, pixel sampling) is seeded from (seed, global step, rank), so a
+run resumed from a checkpoint replays the same steps as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from iuq.config import RunConfig, from_dict
+from iuq.core.criterion import IUQCriterion
+from iuq.engine.step import training_step
+from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results
+from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former, instance_predictions
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the message names the step and the term."""
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    """Multiplier of the base lr at optimiser step `step` of `total` (warm-up, then the schedule)."""
+    if cfg.schedule == "poly":
+        factor = (1 - min(step, total) / max(total, 1)) ** cfg.poly_power
+    elif cfg.schedule == "step":
+        factor = cfg.step_gamma ** sum(step >= m * total for m in cfg.step_milestones)
+    else:
+        factor = 1.0
+    if step < cfg.warmup_steps:
+        alpha = step / cfg.warmup_steps
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+class IUQModule(L.LightningModule):
+    """Args:
+    config: a `RunConfig` as a plain dict (kept in the checkpoint's hyper-parameters).
+    label_to_category: COCO category id of each contiguous label (from the training set).
+    class_names: name of each label.
+    """
+
+    def __init__(self, config: dict, label_to_category: list[int], class_names: list[str]):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg: RunConfig = from_dict(RunConfig, config)
+        self.cfg.model.num_labels = len(label_to_category)
+        self.model = Mask2FormerAdapter(build_mask2former(self.cfg.model))
+        iuq = self.cfg.iuq
+        self.criterion = None
+        if iuq.inter or iuq.equi:
+            pixel_dim = self.model.model.config.mask_feature_size
+            self.criterion = IUQCriterion(iuq, self.model.decoder, pixel_dim, self.model.mask_loss)
+        self.label_to_category = list(label_to_category)
+        self.class_names = list(class_names)
+        self.evaluator: CocoMaskEvaluator | None = None  # set by the trainer when there is a val split
+        self._pending_samples = None
+        self.last_metrics: dict[str, float] | None = None
+
+    # -- training ---------------------------------------------------------------------------------
+    def _step_seed(self) -> int:
+        return (self.cfg.train.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank
+
+    def training_step(self, batch, batch_idx):
+        seed = self._step_seed()
+        torch.manual_seed(seed)  # the model's own matcher and point sampling draw from the global RNG
+        generator = torch.Generator().manual_seed(seed)
+        targets = batch["targets"]
+        image_ids = torch.tensor([t["image_id"] for t in targets], device=self.device)
+        result = training_step(
+            self.model, self.criterion, batch["images"], batch["pixel_mask"], targets, image_ids, generator
+        )
+        for name, value in [("loss", result.loss), *result.terms.items()]:
+            if not torch.isfinite(value.detach()).all():
+                raise NonFiniteLossError(
+                    f"step {self.global_step}: loss term '{name}' is {value.item()}; stopping. "
+                    "The last good checkpoint is checkpoints/last.ckpt in the run directory; lower "
+                    "train.lr or raise train.warmup_steps before resuming."
+                )
+        b = len(targets)
+        self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=b)
+        for name, value in result.terms.items():  # every term, auxiliary layers' included
+            self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss_inter", "loss_equi"), batch_size=b)
+        if self.criterion is not None and self.criterion.memory is not None:
+            memory = self.criterion.memory
+            self.log("train/memory_fill", memory.count.float() / memory.capacity, batch_size=b)
+        self._pending_samples = result.samples
+        return result.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After the optimiser step: the batch never meets its own memory entries in its loss.
+        if self.criterion is not None and self._pending_samples is not None:
+            self.criterion.update_memory(self._pending_samples)
+        self._pending_samples = None
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        backbone = [p for n, p in self.named_parameters() if ".pixel_level_module.encoder." in n and p.requires_grad]
+        ids = {id(p) for p in backbone}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": rest, "lr": t.lr}, {"params": backbone, "lr": t.lr * t.backbone_lr_mult}]
+        if t.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("cannot size the LR schedule: set train.max_steps or train.max_epochs")
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, total=total, cfg=t))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def predict_batch(self, batch) -> list[dict]:
+        out = self.model(batch["images"], batch["pixel_mask"])
+        sizes = [t["size"] for t in batch["targets"]]
+        orig = [tuple(int(v) for v in t["orig_size"]) for t in batch["targets"]]
+        return instance_predictions(out, sizes, orig, top_k=self.cfg.eval.top_k)
+
+    def on_validation_epoch_start(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.reset()
+
+    def validation_step(self, batch, batch_idx):
+        predictions = self.predict_batch(batch)
+        if self.evaluator is not None:
+            self.evaluator.process([t["image_id"] for t in batch["targets"]], predictions)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.evaluator is None:
+            return
+        metrics = evaluate_across_ranks(self.evaluator)
+        self.last_metrics = metrics
+        for key, value in metrics.items():
+            self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=False)
+
+
+def evaluate_across_ranks(evaluator: CocoMaskEvaluator) -> dict[str, float]:
+    """COCO metrics over every rank's results (each rank saw a disjoint share of the images)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shards = [None] * dist.get_world_size()
+        dist.all_gather_object(shards, evaluator.results)
+        results = [r for shard in shards for r in shard]
+        metrics = [evaluate_results(evaluator.coco_gt, results, evaluator.backend) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(metrics, src=0)
+        return metrics[0]
+    return evaluator.evaluate()
+

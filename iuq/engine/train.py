@@ -1,0 +1,177 @@
+"""`iuq train`: one run from a `RunConfig` to a run directory.
+
+    OUT/config.yaml             the resolved configuration
+    OUT/checkpoints/last.ckpt   model, optimiser, schedule, loop state and the IUQ memory
+    OUT/logs/                   metrics.csv (CSV) and TensorBoard events of every loss term
+    OUT/metrics.json            final COCO mask AP on the val split (keys as `iuq eval`)
+    OUT/model/                  the trained model, `save_pretrained` (loads in plain transformers)
+    OUT/predictions/*.png       a few val predictions drawn over the images
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from iuq.config import RunConfig, save_config
+from iuq.data.coco import CocoInstances
+from iuq.data.synthetic import SynthConfig, generate
+from iuq.engine.data import open_split, test_loader, train_loader
+from iuq.engine.inference import TrainedModel, evaluate, predict, save_model_dir
+from iuq.engine.module import IUQModule
+from iuq.evaluation.coco_eval import CocoMaskEvaluator, format_table, write_metrics
+from iuq.visualize import draw_instances, save_png
+
+
+class RunData(L.LightningDataModule):
+    """Train / val loaders of already opened splits; sharding follows the trainer's rank."""
+
+    def __init__(self, cfg: RunConfig, train: CocoInstances, val: CocoInstances | None):
+        super().__init__()
+        self.cfg, self.train, self.val = cfg, train, val
+
+    def train_dataloader(self):
+        t = self.trainer
+        return train_loader(self.train, self.cfg.data, self.cfg.train.seed, t.global_rank, t.world_size)
+
+    def val_dataloader(self):
+        d, t = self.cfg.data, self.trainer
+        return test_loader(
+            self.val, d.test_short_side, d.max_size, self.cfg.eval.batch_size, d.num_workers, t.global_rank, t.world_size
+        )
+
+
+def prepare_data(cfg: RunConfig) -> None:
+    """Generate the embedded synthetic dataset when the config asks for it and it is absent."""
+    s = cfg.data.synthetic
+    if s is None or Path(cfg.data.train_ann).exists():
+        return
+    print(f"generating the synthetic dataset into {s.dir} ...", flush=True)
+    fields = {k: v for k, v in vars(s).items() if k != "dir"}
+    generate(s.dir, SynthConfig(**fields))
+    if not Path(cfg.data.train_ann).exists():
+        raise FileNotFoundError(
+            f"data.train_ann {cfg.data.train_ann} is still missing after generating into data.synthetic.dir "
+            f"{s.dir}; point data.train_ann into that folder"
+        )
+
+
+def open_data(cfg: RunConfig) -> tuple[CocoInstances, CocoInstances | None]:
+    d = cfg.data
+    train = open_split(d.train_ann, d.train_images, d.skip_invalid, keep_empty=True)
+    val = None
+    if d.val_ann:
+        if not d.val_images:
+            raise ValueError("data.val_images: required when data.val_ann is set")
+        val = open_split(d.val_ann, d.val_images, d.skip_invalid, keep_empty=True)
+        if sorted(val.category_ids) != sorted(train.category_ids):
+            raise ValueError(
+                f"{d.val_ann}: categories {val.category_ids} differ from the training set's "
+                f"{train.category_ids} ({d.train_ann})"
+            )
+    return train, val
+
+
+def build_trainer(cfg: RunConfig, out: Path, has_val: bool, callbacks: list | None = None) -> L.Trainer:
+    t = cfg.train
+    # Both write checkpoints/last.ckpt (overwritten in place): one every N steps, one every epoch.
+    # Lightning's own `save_last` only follows top-k saves, hence two plain "latest" checkpoints.
+    checkpoints = [
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            filename="last",
+            enable_version_counter=False,
+            every_n_train_steps=n,
+            every_n_epochs=e,
+            save_on_train_epoch_end=True,
+        )
+        for n, e in ((t.checkpoint_every_steps, 0), (None, 1))
+        if n != 0
+    ]
+    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")]
+    return L.Trainer(
+        default_root_dir=out,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        max_epochs=t.max_epochs if t.max_steps is None else -1,
+        precision=t.precision,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        gradient_clip_val=t.grad_clip or None,
+        deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_steps,
+        check_val_every_n_epoch=t.eval_every_epochs if has_val and t.eval_every_epochs > 0 else None,
+        limit_val_batches=None if has_val and t.eval_every_epochs > 0 else 0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # our EpochSampler shards and seeds by epoch itself
+        callbacks=[*checkpoints, LearningRateMonitor(logging_interval="step"), *(callbacks or [])],
+        logger=loggers,
+        enable_model_summary=False,
+    )
+
+
+def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -> dict[str, float] | None:
+    """Train, evaluate and export one run; returns the final val metrics (None without a val split).
+
+    callbacks: extra Lightning callbacks (early stopping, custom logging, ...).
+    """
+    out = Path(cfg.out)
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and not last.is_file():
+        raise FileNotFoundError(f"--resume: {last} does not exist; start the run without --resume")
+    if not resume and last.is_file():
+        raise FileExistsError(
+            f"{out} already holds a run ({last}); pass --resume to continue it or --out to start a new one"
+        )
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    prepare_data(cfg)
+    train_set, val_set = open_data(cfg)
+    module = IUQModule(cfg.to_dict(), train_set.category_ids, train_set.class_names)
+    if val_set is not None:
+        module.evaluator = CocoMaskEvaluator(val_set.ann_file, train_set.category_ids, cfg.eval.backend)
+    trainer = build_trainer(cfg, out, val_set is not None, callbacks)
+    if trainer.is_global_zero:
+        save_config(cfg, out / "config.yaml")
+    trainer.fit(module, datamodule=RunData(cfg, train_set, val_set), ckpt_path=last if resume else None,
+                weights_only=True)
+    trainer.save_checkpoint(last)  # the final state, also when max_steps ends mid-epoch
+    if not trainer.is_global_zero:
+        return None
+    return finish(cfg, module, val_set, out)
+
+
+def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out: Path) -> dict[str, float] | None:
+    """Export the model, score it on the val split and draw a few predictions (rank 0)."""
+    d = cfg.data
+    adapter = module.model.cpu().eval()
+    save_model_dir(adapter, out / "model", module.label_to_category, module.class_names, d.test_short_side, d.max_size)
+    print(f"model written to {out / 'model'} (loads with Mask2FormerForUniversalSegmentation.from_pretrained)")
+    if val_set is None:
+        return None
+    trained = TrainedModel(adapter, module.label_to_category, module.class_names, d.test_short_side, d.max_size,
+                           cfg.eval.top_k)
+    metrics, _ = evaluate(trained, val_set, cfg.eval.batch_size, backend=cfg.eval.backend)
+    write_metrics(metrics, out / "metrics.json")
+    vis = out / "predictions"
+    vis.mkdir(parents=True, exist_ok=True)
+    loader = test_loader(val_set, d.test_short_side, d.max_size, batch_size=1)
+    for i, batch in enumerate(loader):
+        if i >= cfg.eval.num_vis:
+            break
+        pred = predict(trained, batch)[0]
+        keep = pred["scores"] >= 0.5
+        image_id = batch["targets"][0]["image_id"]
+        image, _ = val_set[val_set.image_ids.index(image_id)]
+        drawn = draw_instances(image, pred["masks"][keep], pred["labels"][keep], module.class_names, pred["scores"][keep])
+        save_png(drawn, vis / f"pred_{image_id}.png")
+    print(format_table(metrics))
+    print(f"run directory: {out.resolve()}  (metrics.json, model/, checkpoints/last.ckpt, logs/, predictions/)")
+    return metrics
+

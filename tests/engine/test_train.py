@@ -1,0 +1,100 @@
+"""The Lightning engine: runs, checkpoints, resume equivalence, non-finite stop, exports."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from iuq.config import load_config
+from iuq.engine.inference import load_checkpoint, load_trained
+from iuq.engine.module import NonFiniteLossError, lr_factor
+from iuq.engine.train import train
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from iuq.data.synthetic import SynthConfig, generate
+
+    out = tmp_path_factory.mktemp("tiny")
+    generate(out, SynthConfig(images=10, size=64, seed=1, min_objects=1, max_objects=3, min_radius=0.15, max_radius=0.3))
+    return out
+
+
+def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
+    """A run of a few steps on 64 px images (8 train / 2 val) with a very small Mask2Former."""
+    values = {
+        "out": str(out),
+        "data.train_ann": str(data / "annotations" / "instances_train.json"),
+        "data.train_images": str(data / "train"),
+        "data.val_ann": str(data / "annotations" / "instances_val.json"),
+        "data.val_images": str(data / "val"),
+        "data.train_short_side": "[56,72]",
+        "data.max_size": 96,
+        "data.test_short_side": 64,
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "data.crop_p": 0.5,
+        "model.backbone_widths": "[8,16,16,16]",
+        "model.num_queries": 6,
+        "model.hidden_dim": 32,
+        "model.mask_feature_size": 32,
+        "model.encoder_layers": 1,
+        "model.decoder_layers": 2,
+        "model.heads": 2,
+        "model.ffn_dim": 32,
+        "model.train_num_points": 64,
+        "iuq.memory_capacity": 300,
+        "iuq.samples_per_instance": 10,
+        "train.lr": 0.001,
+        "train.max_steps": "null",
+        "train.max_epochs": 2,
+        "train.warmup_steps": 2,
+        "train.grad_clip": 1.0,
+        "train.checkpoint_every_steps": 0,
+        "train.eval_every_epochs": 0,
+        "train.log_every_steps": 1,
+        "eval.num_vis": 1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_lr_factor_warmup_then_poly():
+    cfg = load_config(None, ["train.warmup_steps=10", "train.warmup_factor=0.1", "train.poly_power=1.0"]).train
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(5, 100, cfg) == pytest.approx((0.1 * 0.5 + 0.5) * 0.95)
+    assert lr_factor(50, 100, cfg) == pytest.approx(0.5)
+    step = load_config(None, ["train.schedule=step", "train.step_milestones=[0.5,0.75]"]).train
+    assert [lr_factor(s, 100, step) for s in (49, 50, 75)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_resume_equivalence(tiny_data, tmp_path):
+    """2 epochs straight vs. 1 epoch, a stop, then --resume: equal weights and memory (1e-6)."""
+    straight = load_config(None, tiny_overrides(tiny_data, tmp_path / "straight"))
+    train(straight)
+    # Same config (2-epoch schedule) but the process "dies" after epoch 1: max_steps cuts it there.
+    killed = load_config(None, tiny_overrides(tiny_data, tmp_path / "killed"))
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown on an interrupt
+        train(killed, callbacks=[KillAtEpoch(1)])
+    assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")["global_step"] == 2
+    train(killed, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert a.keys() == b.keys()
+    assert any(k.startswith("criterion.memory.") for k in a)
+    assert int(a["criterion.memory.count"]) > 0
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
+
+
+class KillAtEpoch(L.Callback):
+    """Stops the process like a kill -INT at the start of `epoch` (its predecessor is checkpointed)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt
