@@ -13,7 +13,7 @@ $(BIN)/iuq: pyproject.toml requirements/constraints.txt
 install: $(BIN)/iuq
 
 demo: $(BIN)/iuq
-	$(BIN)/iuq demo
+	$(BIN)/iuq train configs/demo.yaml --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(BIN)/iuq
 	$(BIN)/python -m pytest -q

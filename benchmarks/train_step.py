@@ -5,6 +5,7 @@ the baseline is the "augmentation" arm (g-views as extra samples, no IUQ term), 
 (with a 100k memory) and L_equi. Arms alternate step by step so machine noise hits both alike.
 
     python benchmarks/train_step.py --images 4 --steps 20
+    python benchmarks/train_step.py --config configs/demo.yaml   # the demo's model, batch, size, memory
 
 Last line: `iuq/baseline step time: R` (the paper reports ~1.05 on 8 A100s).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from iuq.config import load_config
 from iuq.core.config import IUQConfig
 from iuq.core.criterion import IUQCriterion
 from iuq.data.coco import CocoInstances
@@ -34,8 +36,15 @@ def main() -> None:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--memory", type=int, default=100_000)
+    p.add_argument("--config", help="take model, batch size, image size and IUQ settings from a run config")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    model_cfg, iuq_cfg = Mask2FormerModelConfig(num_labels=4), IUQConfig(memory_capacity=args.memory)
+    if args.config:
+        run = load_config(args.config)
+        model_cfg, iuq_cfg = run.model, run.iuq
+        model_cfg.num_labels = 4
+        args.images, args.size, args.memory = run.data.batch_size, run.data.test_short_side, iuq_cfg.memory_capacity
     device = torch.device(args.device)
     root = Path(tempfile.mkdtemp())
     generate(root, SynthConfig(images=args.images * 4, size=args.size, seed=0))
@@ -43,11 +52,11 @@ def main() -> None:
     arms = {}
     for name, cfg in {
         "baseline": IUQConfig(inter=False, equi=True, equi_variant="augmentation"),
-        "iuq": IUQConfig(memory_capacity=args.memory),
+        "iuq": iuq_cfg,
     }.items():
         torch.manual_seed(0)
-        model = Mask2FormerAdapter(build_mask2former(Mask2FormerModelConfig(num_labels=4))).to(device)
-        crit = IUQCriterion(cfg, model.decoder, 64, model.mask_loss).to(device)
+        model = Mask2FormerAdapter(build_mask2former(model_cfg)).to(device)
+        crit = IUQCriterion(cfg, model.decoder, model_cfg.mask_feature_size, model.mask_loss).to(device)
         if crit.memory is not None:  # a full memory, as in steady-state training
             crit.memory.embeddings.normal_()
             crit.memory.count.fill_(args.memory)
@@ -75,6 +84,7 @@ def main() -> None:
     med = {name: statistics.median(arm[3]) for name, arm in arms.items()}
     for name, t in med.items():
         print(f"{name:8s} median step {t * 1000:.1f} ms over {args.steps} steps")
+    print(f"batch {args.images} x 2 views, {args.size} px, memory {args.memory}, device {device}")
     print(f"iuq/baseline step time: {med['iuq'] / med['baseline']:.3f}")
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+
 def _synth(args) -> None:
     from iuq.data.synthetic import SynthConfig, generate
 
@@ -187,7 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.set_defaults(func=_eval)
 
-
     s = sub.add_parser("train", help="train a segmenter with (or without) IUQ from a YAML config")
     s.add_argument("config", nargs="?", type=Path, help="YAML config (configs/demo.yaml, ...); defaults if omitted")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.001")
@@ -208,11 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from iuq.config import ConfigError
     from iuq.data.coco import DatasetError
+    from iuq.engine.inference import CheckpointError
+    from iuq.engine.step import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DatasetError, ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (DatasetError, ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError) as err:
         print(f"iuq: error: {err}", file=sys.stderr)
         return 2
     return 0

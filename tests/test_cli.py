@@ -2,6 +2,7 @@ import json
 
 from iuq.cli import main
 from tests.conftest import COCO128_IMAGES, COCO128_JSON
+from tests.engine.test_train import tiny_data, tiny_overrides  # noqa: F401 (fixture)
 
 
 def test_eval_of_ground_truth_results_is_100(tmp_path, capsys):
@@ -45,3 +46,53 @@ def test_data_error_is_reported_without_traceback(tmp_path, capsys):
     bad.write_text("[]")
     assert main(["data", "preview", "--data", str(bad), "--images", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert f"{bad}: not a COCO instances file" in capsys.readouterr().err
+
+
+def test_train_eval_predict(tiny_data, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    overrides = [a for kv in tiny_overrides(tiny_data, run, **{"train.max_epochs": 1}) for a in ("--set", kv)]
+    assert main(["train", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "COCO mask AP" in out and str(run.resolve()) in out
+    for name in (
+        "config.yaml",
+        "checkpoints/last.ckpt",
+        "metrics.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/preprocessor_config.json",
+        "logs/metrics.csv",
+    ):
+        assert (run / name).is_file(), name
+    assert len(list((run / "predictions").glob("*.png"))) == 1
+    header = (run / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for term in ("loss_cross_entropy", "loss_mask", "loss_dice", "loss_inter", "loss_equi", "memory_fill"):
+        assert f"train/{term}" in header, term
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+    # A second `iuq train` into the same directory refuses to overwrite the run.
+    assert main(["train", *overrides]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+    # The checkpoint and the exported model give the same metrics, equal to the run's own.
+    data = ["--data", str(tiny_data / "annotations" / "instances_val.json"), "--images", str(tiny_data / "val")]
+    for model in (run / "checkpoints" / "last.ckpt", run / "model"):
+        assert main(["eval", str(model), *data, "--out", str(tmp_path / "m.json"), "--device", "cpu"]) == 0
+        assert json.loads((tmp_path / "m.json").read_text()) == metrics
+
+    images = sorted((tiny_data / "val").glob("*.png"))
+    pred = tmp_path / "pred"
+    assert main(["predict", str(run / "model"), *map(str, images), "--out", str(pred), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in pred.glob("*.png")) == sorted(p.name for p in images)
+    results = json.loads((pred / "results.json").read_text())
+    assert results and {r["image_id"] for r in results} == {1, 2}
+    assert {"segmentation", "score", "category_id", "file_name"} <= set(results[0])
+
+
+def test_config_typo_fails_before_work(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batch_szie: 4\n")
+    assert main(["train", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "data.batch_szie" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

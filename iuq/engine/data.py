@@ -18,8 +18,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from iuq.data.coco import CocoInstances
-from iuq.data.transforms import Compose, RandomCrop, RandomHorizontalFlip, RandomResize, collate, resize
-from iuq.data.transforms import resize_output_size
+from iuq.data.transforms import (
+    Compose,
+    RandomCrop,
+    RandomHorizontalFlip,
+    RandomResize,
+    collate,
+    resize,
+    resize_output_size,
+)
 
 
 class EpochSampler(Sampler):

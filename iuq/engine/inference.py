@@ -19,6 +19,10 @@ from iuq.evaluation.coco_eval import CocoMaskEvaluator
 from iuq.models.mask2former import IMAGENET_MEAN, IMAGENET_STD, Mask2FormerAdapter, instance_predictions
 
 
+class CheckpointError(ValueError):
+    """A file is not a readable iuq checkpoint (the message names it)."""
+
+
 @dataclass
 class TrainedModel:
     model: Mask2FormerAdapter
@@ -34,7 +38,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: cannot be read as an iuq checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: cannot be read as an iuq checkpoint ({type(e).__name__}: {e})") from e
 
 
 def load_trained(path: str | Path) -> TrainedModel:
@@ -48,7 +52,7 @@ def load_trained(path: str | Path) -> TrainedModel:
 
     ckpt = load_checkpoint(path)
     if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not an iuq training checkpoint (no hyper_parameters / state_dict)")
+        raise CheckpointError(f"{path}: not an iuq training checkpoint (no hyper_parameters / state_dict)")
     module = IUQModule(**dict(ckpt["hyper_parameters"]))
     module.load_state_dict(ckpt["state_dict"])
     cfg = module.cfg

@@ -17,13 +17,9 @@ import torch.distributed as dist
 
 from iuq.config import RunConfig, from_dict
 from iuq.core.criterion import IUQCriterion
-from iuq.engine.step import training_step
+from iuq.engine.step import NonFiniteLossError, training_step
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results
 from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former, instance_predictions
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; the message names the step and the term."""
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
@@ -151,4 +147,3 @@ def evaluate_across_ranks(evaluator: CocoMaskEvaluator) -> dict[str, float]:
         dist.broadcast_object_list(metrics, src=0)
         return metrics[0]
     return evaluator.evaluate()
-

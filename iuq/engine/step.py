@@ -19,6 +19,10 @@ from iuq.core.sampling import PixelSamples
 from iuq.core.transforms import BatchTransform, sample_transforms
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the message names the step and the term."""
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # weighted total to backpropagate

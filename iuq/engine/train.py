@@ -1,11 +1,11 @@
 """`iuq train`: one run from a `RunConfig` to a run directory.
 
-    OUT/config.yaml             the resolved configuration
-    OUT/checkpoints/last.ckpt   model, optimiser, schedule, loop state and the IUQ memory
-    OUT/logs/                   metrics.csv (CSV) and TensorBoard events of every loss term
-    OUT/metrics.json            final COCO mask AP on the val split (keys as `iuq eval`)
-    OUT/model/                  the trained model, `save_pretrained` (loads in plain transformers)
-    OUT/predictions/*.png       a few val predictions drawn over the images
+OUT/config.yaml             the resolved configuration
+OUT/checkpoints/last.ckpt   model, optimiser, schedule, loop state and the IUQ memory
+OUT/logs/                   metrics.csv (CSV) and TensorBoard events of every loss term
+OUT/metrics.json            final COCO mask AP on the val split (keys as `iuq eval`)
+OUT/model/                  the trained model, `save_pretrained` (loads in plain transformers)
+OUT/predictions/*.png       a few val predictions drawn over the images
 """
 
 from __future__ import annotations
@@ -41,7 +41,13 @@ class RunData(L.LightningDataModule):
     def val_dataloader(self):
         d, t = self.cfg.data, self.trainer
         return test_loader(
-            self.val, d.test_short_side, d.max_size, self.cfg.eval.batch_size, d.num_workers, t.global_rank, t.world_size
+            self.val,
+            d.test_short_side,
+            d.max_size,
+            self.cfg.eval.batch_size,
+            d.num_workers,
+            t.global_rank,
+            t.world_size,
         )
 
 
@@ -139,8 +145,9 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     trainer = build_trainer(cfg, out, val_set is not None, callbacks)
     if trainer.is_global_zero:
         save_config(cfg, out / "config.yaml")
-    trainer.fit(module, datamodule=RunData(cfg, train_set, val_set), ckpt_path=last if resume else None,
-                weights_only=True)
+    trainer.fit(
+        module, datamodule=RunData(cfg, train_set, val_set), ckpt_path=last if resume else None, weights_only=True
+    )
     trainer.save_checkpoint(last)  # the final state, also when max_steps ends mid-epoch
     if not trainer.is_global_zero:
         return None
@@ -155,8 +162,9 @@ def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out
     print(f"model written to {out / 'model'} (loads with Mask2FormerForUniversalSegmentation.from_pretrained)")
     if val_set is None:
         return None
-    trained = TrainedModel(adapter, module.label_to_category, module.class_names, d.test_short_side, d.max_size,
-                           cfg.eval.top_k)
+    trained = TrainedModel(
+        adapter, module.label_to_category, module.class_names, d.test_short_side, d.max_size, cfg.eval.top_k
+    )
     metrics, _ = evaluate(trained, val_set, cfg.eval.batch_size, backend=cfg.eval.backend)
     write_metrics(metrics, out / "metrics.json")
     vis = out / "predictions"
@@ -169,9 +177,10 @@ def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out
         keep = pred["scores"] >= 0.5
         image_id = batch["targets"][0]["image_id"]
         image, _ = val_set[val_set.image_ids.index(image_id)]
-        drawn = draw_instances(image, pred["masks"][keep], pred["labels"][keep], module.class_names, pred["scores"][keep])
+        drawn = draw_instances(
+            image, pred["masks"][keep], pred["labels"][keep], module.class_names, pred["scores"][keep]
+        )
         save_png(drawn, vis / f"pred_{image_id}.png")
     print(format_table(metrics))
     print(f"run directory: {out.resolve()}  (metrics.json, model/, checkpoints/last.ckpt, logs/, predictions/)")
     return metrics
-

@@ -36,6 +36,7 @@ class Mask2FormerModelConfig:
     backbone: "resnet" or "swin" (random init; no weights are downloaded).
     pretrained: path or hub id of any HF Mask2Former checkpoint; overrides the architecture fields.
     backbone_widths / backbone_depths: per-stage channels (ResNet) or depths (both).
+    resnet_layer_type: "basic" (ResNet-18/34 blocks) or "bottleneck" (ResNet-50 and deeper).
     swin_embed_dim, swin_heads: Swin stem width and heads per stage.
     num_labels: object classes (set from the dataset by the trainer).
     num_queries, hidden_dim, mask_feature_size, encoder_layers, decoder_layers, heads, ffn_dim:
@@ -48,6 +49,7 @@ class Mask2FormerModelConfig:
     pretrained: str | None = None
     backbone_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     backbone_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
+    resnet_layer_type: str = "basic"
     swin_embed_dim: int = 48
     swin_heads: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     num_labels: int = 80
@@ -63,6 +65,8 @@ class Mask2FormerModelConfig:
     def __post_init__(self) -> None:
         if self.backbone not in ("resnet", "swin"):
             raise ValueError(f"model.backbone: {self.backbone!r} is not one of ('resnet', 'swin')")
+        if self.resnet_layer_type not in ("basic", "bottleneck"):
+            raise ValueError(f"model.resnet_layer_type: {self.resnet_layer_type!r} is not 'basic' or 'bottleneck'")
         if self.decoder_layers < 1 or self.num_queries < 1 or self.num_labels < 1:
             raise ValueError("model.decoder_layers, model.num_queries and model.num_labels must be >= 1")
         for name in ("hidden_dim", "mask_feature_size"):  # the pixel decoder's GroupNorm has 32 groups
@@ -80,11 +84,12 @@ def build_mask2former(cfg: Mask2FormerModelConfig):
         )
     stages = [f"stage{i + 1}" for i in range(4)]
     if cfg.backbone == "resnet":
+        bottleneck = cfg.resnet_layer_type == "bottleneck"
         backbone = ResNetConfig(
-            embedding_size=cfg.backbone_widths[0],
+            embedding_size=cfg.backbone_widths[0] // 4 if bottleneck else cfg.backbone_widths[0],
             hidden_sizes=list(cfg.backbone_widths),
             depths=list(cfg.backbone_depths),
-            layer_type="basic",
+            layer_type=cfg.resnet_layer_type,
             out_features=stages,
         )
     else:

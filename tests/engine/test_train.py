@@ -1,6 +1,5 @@
 """The Lightning engine: runs, checkpoints, resume equivalence, non-finite stop, exports."""
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -8,8 +7,9 @@ import pytest
 import torch
 
 from iuq.config import load_config
-from iuq.engine.inference import load_checkpoint, load_trained
-from iuq.engine.module import NonFiniteLossError, lr_factor
+from iuq.engine.inference import load_checkpoint
+from iuq.engine.module import lr_factor
+from iuq.engine.step import NonFiniteLossError
 from iuq.engine.train import train
 
 
@@ -18,7 +18,9 @@ def tiny_data(tmp_path_factory):
     from iuq.data.synthetic import SynthConfig, generate
 
     out = tmp_path_factory.mktemp("tiny")
-    generate(out, SynthConfig(images=10, size=64, seed=1, min_objects=1, max_objects=3, min_radius=0.15, max_radius=0.3))
+    generate(
+        out, SynthConfig(images=10, size=64, seed=1, min_objects=1, max_objects=3, min_radius=0.15, max_radius=0.3)
+    )
     return out
 
 
@@ -98,3 +100,64 @@ class KillAtEpoch(L.Callback):
     def on_train_epoch_start(self, trainer, module):
         if trainer.current_epoch == self.epoch:
             raise KeyboardInterrupt
+
+
+def test_nonfinite_loss_stops_naming_step_and_term(tiny_data, tmp_path, monkeypatch):
+    import iuq.engine.module as module
+
+    real = module.training_step
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if poisoned.calls == 3:  # the 4th step, global step 3
+            result.terms["loss_inter"] = result.terms["loss_inter"] * float("nan")
+        poisoned.calls += 1
+        return result
+
+    poisoned.calls = 0
+    monkeypatch.setattr(module, "training_step", poisoned)
+    cfg = load_config(None, tiny_overrides(tiny_data, tmp_path / "run", **{"train.checkpoint_every_steps": 1}))
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss term 'loss_inter' is nan"):
+        train(cfg)
+    # The last good checkpoint, written after the 3 good optimiser steps, is kept and readable.
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from iuq.config import ConfigError
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train:\n  lr: 0.1\n  max_stesp: 10\n")
+    with pytest.raises(ConfigError, match=r"train\.max_stesp"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"iuq\.inter_loss"):
+        load_config(None, ["iuq.inter_loss=hinge"])
+    with pytest.raises(ConfigError, match=r"model\.hidden_dim: must be a multiple of 32"):
+        load_config(None, ["model.hidden_dim=48"])
+    cfg = load_config(None, ["data.train_short_side=[96,160]", "train.max_steps=7", "train.devices=2"])
+    assert cfg.data.train_short_side == [96, 160] and cfg.train.max_steps == 7 and cfg.train.devices == 2
+
+
+def test_shipped_configs_validate():
+    from tests.conftest import ROOT
+
+    names = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    assert {"demo.yaml", "demo_baseline.yaml", "coco128.yaml"} <= set(names)
+    for name in names:
+        load_config(ROOT / "configs" / name)
+    demo, base = load_config(ROOT / "configs" / "demo.yaml"), load_config(ROOT / "configs" / "demo_baseline.yaml")
+    assert demo.iuq.inter and demo.iuq.equi and not base.iuq.inter and not base.iuq.equi
+    assert demo.model == base.model and demo.data == base.data
+
+
+def test_epoch_sampler_shards_are_disjoint_and_seeded():
+    from iuq.engine.data import EpochSampler
+
+    shards = [EpochSampler(10, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    epoch0 = [[i for i, _ in s] for s in shards]
+    assert all(len(e) == 4 for e in epoch0) and not set(epoch0[0]) & set(epoch0[1])
+    assert [i for i, _ in EpochSampler(10, 2, seed=3, rank=0, world_size=2)] == epoch0[0]
+    shards[0].set_epoch(1)
+    assert [i for i, e in shards[0]] != epoch0[0] and {e for _, e in shards[0]} == {1}
