@@ -44,6 +44,8 @@ class SynthConfig:
     max_objects: int = 18
     min_radius: float = 0.04  # object radius range, as a fraction of the image side
     max_radius: float = 0.14
+    colour_by_class: bool = False  # True: every instance of a class has the same colour (easy classes,
+    # instances of a class even more alike); False: colours are drawn independently of the class
 
 
 def _shape_polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -115,7 +117,8 @@ def _scene(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, list
         if any(v < max(MIN_AREA, MIN_VISIBLE * o["area"]) for v, o in zip(visible[:-1], objects, strict=True)):
             continue  # would hide too much of an earlier object
         owner = new_owner
-        colour = PALETTE[int(rng.integers(len(PALETTE)))] + rng.normal(0, 10, size=3)
+        colour_index = int(rng.integers(len(PALETTE)))  # drawn either way: same random stream
+        colour = PALETTE[cls if cfg.colour_by_class else colour_index] + rng.normal(0, 10, size=3)
         # Soft shading centred off-centre: a weak per-instance cue, as lighting gives in real scenes.
         lx, ly = cx + rng.uniform(-r, r) / 2, cy + rng.uniform(-r, r) / 2
         shade = 1.15 - 0.35 * np.clip(np.hypot(xx - lx, yy - ly) / (1.5 * r), 0, 1)

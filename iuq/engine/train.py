@@ -148,7 +148,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     trainer.fit(
         module, datamodule=RunData(cfg, train_set, val_set), ckpt_path=last if resume else None, weights_only=True
     )
-    trainer.save_checkpoint(last)  # the final state, also when max_steps ends mid-epoch
+    trainer.save_checkpoint(last, weights_only=False)  # the final state, also when max_steps ends mid-epoch
     if not trainer.is_global_zero:
         return None
     return finish(cfg, module, val_set, out)
