@@ -40,14 +40,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     model_cfg, iuq_cfg = Mask2FormerModelConfig(num_labels=4), IUQConfig(memory_capacity=args.memory)
+    synth = {}
     if args.config:
         run = load_config(args.config)
         model_cfg, iuq_cfg = run.model, run.iuq
         model_cfg.num_labels = 4
         args.images, args.size, args.memory = run.data.batch_size, run.data.test_short_side, iuq_cfg.memory_capacity
+        if run.data.synthetic is not None:  # the config's own scenes (objects per image, sizes, colours)
+            synth = {k: v for k, v in vars(run.data.synthetic).items() if k not in ("dir", "images", "size", "seed")}
     device = torch.device(args.device)
     root = Path(tempfile.mkdtemp())
-    generate(root, SynthConfig(images=args.images * 4, size=args.size, seed=0))
+    generate(root, SynthConfig(images=args.images * 4, size=args.size, seed=0, **synth))
     ds = CocoInstances(root / "annotations" / "instances_train.json", root / "train")
     arms = {}
     for name, cfg in {

@@ -103,14 +103,20 @@ def save_model_dir(adapter: Mask2FormerAdapter, path: str | Path, label_to_categ
     processor.save_pretrained(path)
 
 
+def batch_instances(model: Mask2FormerAdapter, batch: dict, top_k: int) -> list[dict]:
+    """Instance predictions, at each image's original size, of a collated batch on the model's device."""
+    out = model(batch["images"], batch["pixel_mask"])
+    sizes = [t["size"] for t in batch["targets"]]
+    orig = [tuple(int(v) for v in t["orig_size"]) for t in batch["targets"]]
+    return instance_predictions(out, sizes, orig, top_k=top_k)
+
+
 @torch.no_grad()
 def predict(trained: TrainedModel, batch: dict, device: torch.device | str = "cpu") -> list[dict]:
     """Instance predictions (original image size) for a collated batch."""
     model = trained.model.to(device)
-    out = model(batch["images"].to(device), batch["pixel_mask"].to(device))
-    sizes = [t["size"] for t in batch["targets"]]
-    orig = [tuple(int(v) for v in t["orig_size"]) for t in batch["targets"]]
-    return instance_predictions(out, sizes, orig, top_k=trained.top_k)
+    moved = {**batch, "images": batch["images"].to(device), "pixel_mask": batch["pixel_mask"].to(device)}
+    return batch_instances(model, moved, trained.top_k)
 
 
 def evaluate(

@@ -17,9 +17,10 @@ import torch.distributed as dist
 
 from iuq.config import RunConfig, from_dict
 from iuq.core.criterion import IUQCriterion
+from iuq.engine.inference import batch_instances
 from iuq.engine.step import NonFiniteLossError, training_step
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results
-from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former, instance_predictions
+from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
@@ -58,7 +59,6 @@ class IUQModule(L.LightningModule):
         self.class_names = list(class_names)
         self.evaluator: CocoMaskEvaluator | None = None  # set by the trainer when there is a val split
         self._pending_samples = None
-        self.last_metrics: dict[str, float] | None = None
 
     # -- training ---------------------------------------------------------------------------------
     def _step_seed(self) -> int:
@@ -73,7 +73,7 @@ class IUQModule(L.LightningModule):
         result = training_step(
             self.model, self.criterion, batch["images"], batch["pixel_mask"], targets, image_ids, generator
         )
-        for name, value in [("loss", result.loss), *result.terms.items()]:
+        for name, value in [*result.terms.items(), ("loss", result.loss)]:  # name the term before the sum
             if not torch.isfinite(value.detach()).all():
                 raise NonFiniteLossError(
                     f"step {self.global_step}: loss term '{name}' is {value.item()}; stopping. "
@@ -113,18 +113,12 @@ class IUQModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- evaluation -------------------------------------------------------------------------------
-    def predict_batch(self, batch) -> list[dict]:
-        out = self.model(batch["images"], batch["pixel_mask"])
-        sizes = [t["size"] for t in batch["targets"]]
-        orig = [tuple(int(v) for v in t["orig_size"]) for t in batch["targets"]]
-        return instance_predictions(out, sizes, orig, top_k=self.cfg.eval.top_k)
-
     def on_validation_epoch_start(self) -> None:
         if self.evaluator is not None:
             self.evaluator.reset()
 
     def validation_step(self, batch, batch_idx):
-        predictions = self.predict_batch(batch)
+        predictions = batch_instances(self.model, batch, self.cfg.eval.top_k)
         if self.evaluator is not None:
             self.evaluator.process([t["image_id"] for t in batch["targets"]], predictions)
 
@@ -132,7 +126,6 @@ class IUQModule(L.LightningModule):
         if self.evaluator is None:
             return
         metrics = evaluate_across_ranks(self.evaluator)
-        self.last_metrics = metrics
         for key, value in metrics.items():
             self.log(f"val/{key}", value, rank_zero_only=False, sync_dist=False)
 
