@@ -88,3 +88,29 @@ def test_loss_decreases_over_30_steps(synth_dir):
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     print("loss trajectory", [round(v, 2) for v in losses])
     assert last < 0.8 * first, (first, last)
+
+
+def test_images_without_instances():
+    """Negatives (images with no annotation) train: finite losses; an all-empty batch has only L_ce."""
+    torch.manual_seed(0)
+    model = Mask2FormerAdapter(
+        build_mask2former(Mask2FormerModelConfig(num_labels=4, num_queries=8, train_num_points=64))
+    )
+    crit = IUQCriterion(IUQConfig(memory_capacity=100), model.decoder, 64, model.mask_loss)
+    images, pixel_mask = torch.rand(2, 3, 64, 64), torch.ones(2, 64, 64, dtype=torch.bool)
+    one = torch.zeros(1, 64, 64, dtype=torch.bool)
+    one[0, 10:30, 10:30] = True
+    empty = {"masks": torch.zeros(0, 64, 64, dtype=torch.bool), "labels": torch.zeros(0, dtype=torch.long)}
+    mixed = [{"masks": one, "labels": torch.tensor([1])}, empty]
+    result = training_step(
+        model, crit, images, pixel_mask, mixed, torch.tensor([1, 2]), torch.Generator().manual_seed(0)
+    )
+    result.loss.backward()
+    assert all(torch.isfinite(v) for v in result.terms.values()) and result.terms["loss_mask"] > 0
+    result = training_step(
+        model, crit, images, pixel_mask, [empty, empty], torch.tensor([1, 2]), torch.Generator().manual_seed(0)
+    )
+    result.loss.backward()
+    terms = result.terms
+    assert terms["loss_mask"] == 0 and terms["loss_dice"] == 0 and terms["loss_inter"] == 0 and terms["loss_equi"] == 0
+    assert terms["loss_cross_entropy"] > 0  # every query is trained toward "no object"
