@@ -12,6 +12,7 @@ neither the shuffling nor the augmentation may depend on a process-global random
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +39,9 @@ class EpochSampler(Sampler):
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size, self.epoch = rank, world_size, 0
+        # (epoch, batches) set by a mid-epoch resume: every pass over that epoch starts after those
+        # batches (Lightning may open the loader more than once before training resumes).
+        self.resume_at: tuple[int, int] | None = None
         self.per_rank = (size // (world_size * batch_size)) * batch_size
         if self.per_rank == 0:
             raise ValueError(
@@ -55,7 +59,31 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=g)
         shard = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
-        return iter([(int(i), self.epoch) for i in shard])
+        start = 0
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            start = self.resume_at[1] * self.batch_size
+        return iter([(int(i), self.epoch) for i in shard[start:]])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning saves in checkpoints and restores on resume.
+
+    State: the epoch and the batches the trainer has finished in it (`batches_done()`, read from the
+    trainer rather than counted here, because the loader runs ahead of training by its prefetch).
+    A resume in mid-epoch then continues with the very batches an uninterrupted run would see.
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._batches_done = batches_done
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self._batches_done())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        if state["batches_done"] < len(self):  # a finished epoch resumes at the next one, from its start
+            self.sampler.resume_at = (state["epoch"], state["batches_done"])
 
 
 class AugmentedDataset(Dataset):
@@ -112,9 +140,12 @@ def open_split(ann: str, images: str, skip_invalid: bool, keep_empty: bool) -> C
     return CocoInstances(ann, images, skip_invalid=skip_invalid, keep_empty=keep_empty)
 
 
-def train_loader(dataset: CocoInstances, data_cfg, seed: int, rank: int, world_size: int) -> DataLoader:
+def train_loader(
+    dataset: CocoInstances, data_cfg, seed: int, rank: int, world_size: int, batches_done: Callable[[], int]
+) -> ResumableLoader:
+    """batches_done: the trainer's count of finished batches in the current epoch (for checkpoints)."""
     sampler = EpochSampler(len(dataset), data_cfg.batch_size, seed, rank, world_size)
-    return DataLoader(
+    return ResumableLoader(
         AugmentedDataset(dataset, train_transform(data_cfg), seed),
         batch_size=data_cfg.batch_size,
         sampler=sampler,
@@ -122,6 +153,7 @@ def train_loader(dataset: CocoInstances, data_cfg, seed: int, rank: int, world_s
         collate_fn=collate,
         persistent_workers=data_cfg.num_workers > 0,
         drop_last=True,
+        batches_done=batches_done,
     )
 
 

@@ -59,6 +59,7 @@ class IUQModule(L.LightningModule):
         self.class_names = list(class_names)
         self.evaluator: CocoMaskEvaluator | None = None  # set by the trainer when there is a val split
         self._pending_samples = None
+        self.total_steps: int | None = None  # optimiser steps of the whole run, for the LR schedule
 
     # -- training ---------------------------------------------------------------------------------
     def _step_seed(self) -> int:
@@ -90,8 +91,10 @@ class IUQModule(L.LightningModule):
         self._pending_samples = result.samples
         return result.loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # After the optimiser step: the batch never meets its own memory entries in its loss.
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the step, before any callback (a step checkpoint must hold the updated memory);
+        # the batch never meets its own entries in its loss.
         if self.criterion is not None and self._pending_samples is not None:
             self.criterion.update_memory(self._pending_samples)
         self._pending_samples = None
@@ -106,10 +109,13 @@ class IUQModule(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         else:
             optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
+        # `estimated_stepping_batches` opens the train loader before a checkpoint's loop state is
+        # restored, and Lightning then skips restoring the loader's position; so the trainer of a
+        # run sets `total_steps` from the config and the dataset size instead.
+        total = self.total_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise ValueError("cannot size the LR schedule: set train.max_steps or train.max_epochs")
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, total=total, cfg=t))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, total=int(total), cfg=t))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- evaluation -------------------------------------------------------------------------------

@@ -36,7 +36,11 @@ class RunData(L.LightningDataModule):
 
     def train_dataloader(self):
         t = self.trainer
-        return train_loader(self.train, self.cfg.data, self.cfg.train.seed, t.global_rank, t.world_size)
+
+        def batches_done() -> int:
+            return t.fit_loop.epoch_loop.batch_progress.current.processed
+
+        return train_loader(self.train, self.cfg.data, self.cfg.train.seed, t.global_rank, t.world_size, batches_done)
 
     def val_dataloader(self):
         d, t = self.cfg.data, self.trainer
@@ -143,6 +147,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     if val_set is not None:
         module.evaluator = CocoMaskEvaluator(val_set.ann_file, train_set.category_ids, cfg.eval.backend)
     trainer = build_trainer(cfg, out, val_set is not None, callbacks)
+    steps_per_epoch = len(train_set) // (cfg.data.batch_size * trainer.world_size)  # drop_last batches
+    module.total_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     if trainer.is_global_zero:
         save_config(cfg, out / "config.yaml")
     trainer.fit(

@@ -92,6 +92,32 @@ def test_resume_equivalence(tiny_data, tmp_path):
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
 
 
+def test_resume_mid_epoch_equivalence(tiny_data, tmp_path):
+    """Killed after the first batch of epoch 2 (step checkpoints): the resumed run sees the same batches."""
+    every_step = {"train.checkpoint_every_steps": 1}
+    straight = load_config(None, tiny_overrides(tiny_data, tmp_path / "straight", **every_step))
+    train(straight)
+    killed = load_config(None, tiny_overrides(tiny_data, tmp_path / "killed", **every_step))
+    with pytest.raises(SystemExit):
+        train(killed, callbacks=[KillAtStep(3)])
+    ckpt = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3 and ckpt["epoch"] == 1  # one of epoch 1's two batches done
+    train(killed, resume=True)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")["state_dict"]
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
+
+
+class KillAtStep(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
 class KillAtEpoch(L.Callback):
     """Stops the process like a kill -INT at the start of `epoch` (its predecessor is checkpointed)."""
 
