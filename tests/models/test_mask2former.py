@@ -112,3 +112,16 @@ def test_instance_predictions_on_a_constructed_output():
     # two bilinear resizes move the edge by at most a few pixels.
     m = pred["masks"][0]
     assert m[:28, :20].all() and not m[34:].any() and not m[:, 26:].any()
+
+
+def test_pretrained_checkpoint_is_loaded_with_a_new_class_layer(tmp_path):
+    """model.pretrained: every weight comes from the checkpoint except the re-sized class layer."""
+    source = _tiny()  # 4 labels
+    source.model.save_pretrained(tmp_path / "m2f")
+    cfg = Mask2FormerModelConfig(pretrained=str(tmp_path / "m2f"), num_labels=7)
+    loaded = build_mask2former(cfg)
+    assert loaded.config.num_labels == 7 and loaded.class_predictor.out_features == 8
+    a, b = source.model.state_dict(), loaded.state_dict()
+    for key, value in a.items():
+        if not key.startswith("class_predictor") and "empty_weight" not in key:
+            assert torch.equal(value, b[key]), key
