@@ -163,7 +163,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
 def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out: Path) -> dict[str, float] | None:
     """Export the model, score it on the val split and draw a few predictions (rank 0)."""
     d = cfg.data
-    adapter = module.model.cpu().eval()
+    adapter = module.model.eval()
+    device = next(adapter.parameters()).device  # evaluate where it trained (the GPU on GPU runs)
     save_model_dir(adapter, out / "model", module.label_to_category, module.class_names, d.test_short_side, d.max_size)
     print(f"model written to {out / 'model'} (loads with Mask2FormerForUniversalSegmentation.from_pretrained)")
     if val_set is None:
@@ -171,7 +172,7 @@ def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out
     trained = TrainedModel(
         adapter, module.label_to_category, module.class_names, d.test_short_side, d.max_size, cfg.eval.top_k
     )
-    metrics, _ = evaluate(trained, val_set, cfg.eval.batch_size, backend=cfg.eval.backend)
+    metrics, _ = evaluate(trained, val_set, cfg.eval.batch_size, backend=cfg.eval.backend, device=device)
     write_metrics(metrics, out / "metrics.json")
     vis = out / "predictions"
     vis.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,7 @@ def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out
     for i, batch in enumerate(loader):
         if i >= cfg.eval.num_vis:
             break
-        pred = predict(trained, batch)[0]
+        pred = {k: v.cpu() for k, v in predict(trained, batch, device)[0].items()}
         keep = pred["scores"] >= 0.5
         image_id = batch["targets"][0]["image_id"]
         image, _ = val_set[val_set.image_ids.index(image_id)]
