@@ -10,6 +10,8 @@ OUT/predictions/*.png       a few val predictions drawn over the images
 
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
 
 import lightning as L
@@ -146,6 +148,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     module = IUQModule(cfg.to_dict(), train_set.category_ids, train_set.class_names)
     if val_set is not None:
         module.evaluator = CocoMaskEvaluator(val_set.ann_file, train_set.category_ids, cfg.eval.backend)
+    if resume and trainer_is_rank_zero():
+        set_aside_csv_log(out / "logs")
     trainer = build_trainer(cfg, out, val_set is not None, callbacks)
     steps_per_epoch = len(train_set) // (cfg.data.batch_size * trainer.world_size)  # drop_last batches
     module.total_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
@@ -157,7 +161,46 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     trainer.save_checkpoint(last, weights_only=False)  # the final state, also when max_steps ends mid-epoch
     if not trainer.is_global_zero:
         return None
+    merge_csv_logs(out / "logs")
     return finish(cfg, module, val_set, out)
+
+
+def trainer_is_rank_zero() -> bool:
+    """Rank 0 before the trainer exists (torchrun and SLURM set RANK / SLURM_PROCID)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+# Lightning's CSV logger deletes an existing metrics.csv when it starts, so a resumed run would lose
+# the log of everything before the resume: the old file is set aside and merged back at the end.
+def set_aside_csv_log(log_dir: Path) -> None:
+    current = log_dir / "metrics.csv"
+    if current.is_file():
+        parts = sorted(log_dir.glob("metrics.before-resume-*.csv"))
+        current.rename(log_dir / f"metrics.before-resume-{len(parts):03d}.csv")
+
+
+def merge_csv_logs(log_dir: Path) -> None:
+    """metrics.csv = the set-aside parts, then the current log; rows a resume replayed are kept once."""
+    parts = sorted(log_dir.glob("metrics.before-resume-*.csv"))
+    if not parts:
+        return
+    tables = []
+    for path in [*parts, log_dir / "metrics.csv"]:
+        if path.is_file():
+            with open(path, newline="") as f:
+                tables.append(list(csv.DictReader(f)))
+    rows = []
+    for i, table in enumerate(tables):
+        later = [int(r["step"]) for t in tables[i + 1 :] for r in t if r.get("step")]
+        resumed_at = min(later) if later else None
+        rows.extend(r for r in table if resumed_at is None or int(r.get("step") or 0) < resumed_at)
+    keys = sorted({k for r in rows for k in r})
+    with open(log_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    for path in parts:
+        path.unlink()
 
 
 def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out: Path) -> dict[str, float] | None:

@@ -1,5 +1,6 @@
 """The Lightning engine: runs, checkpoints, resume equivalence, non-finite stop, exports."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -107,6 +108,11 @@ def test_resume_mid_epoch_equivalence(tiny_data, tmp_path):
     b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")["state_dict"]
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
+    # The CSV log of the resumed run covers every step once, those before the kill included.
+    with open(tmp_path / "killed" / "logs" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == [0, 1, 2, 3]
+    assert not list((tmp_path / "killed" / "logs").glob("metrics.before-resume-*"))
 
 
 class KillAtStep(L.Callback):
