@@ -8,6 +8,7 @@ is kept in the model config as `coco_category_ids`, so plain transformers users 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,13 +75,23 @@ def _from_model_dir(path: Path) -> TrainedModel:
     model = Mask2FormerForUniversalSegmentation.from_pretrained(path)
     config = model.config
     n = config.num_labels
-    categories = list(getattr(config, "coco_category_ids", None) or range(1, n + 1))
+    categories = getattr(config, "coco_category_ids", None)
+    if categories is None:  # a model not trained by iuq: labels 0..n-1 are taken as COCO ids 1..n
+        categories = list(range(1, n + 1))
+        warnings.warn(
+            f"{path}/config.json has no coco_category_ids; taking labels 0..{n - 1} as ids 1..{n}", stacklevel=2
+        )
     names = [config.id2label[i] for i in range(n)]
     processor = path / "preprocessor_config.json"
-    short, longest = 800, 1333
+    short, longest = 800, 1333  # the paper's test size
     if processor.is_file():
         size = json.loads(processor.read_text()).get("size", {})
         short, longest = size.get("shortest_edge", short), size.get("longest_edge", longest)
+    else:
+        warnings.warn(
+            f"{path} has no preprocessor_config.json; resizing to shortest side {short}, longest {longest}",
+            stacklevel=2,
+        )
     return TrainedModel(Mask2FormerAdapter(model).eval(), categories, names, short, longest)
 
 

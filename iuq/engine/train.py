@@ -11,13 +11,13 @@ OUT/predictions/*.png       a few val predictions drawn over the images
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from iuq.config import RunConfig, save_config
 from iuq.data.coco import CocoInstances
@@ -148,7 +148,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     module = IUQModule(cfg.to_dict(), train_set.category_ids, train_set.class_names)
     if val_set is not None:
         module.evaluator = CocoMaskEvaluator(val_set.ann_file, train_set.category_ids, cfg.eval.backend)
-    if resume and trainer_is_rank_zero():
+    if resume and rank_zero_only.rank == 0:  # the rank Lightning reads from torchrun / SLURM variables
         set_aside_csv_log(out / "logs")
     trainer = build_trainer(cfg, out, val_set is not None, callbacks)
     steps_per_epoch = len(train_set) // (cfg.data.batch_size * trainer.world_size)  # drop_last batches
@@ -163,11 +163,6 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
         return None
     merge_csv_logs(out / "logs")
     return finish(cfg, module, val_set, out)
-
-
-def trainer_is_rank_zero() -> bool:
-    """Rank 0 before the trainer exists (torchrun and SLURM set RANK / SLURM_PROCID)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
 # Lightning's CSV logger deletes an existing metrics.csv when it starts, so a resumed run would lose
