@@ -7,6 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+SKIP_HINT = "pass --skip-invalid"
+
+
+class UsageError(ValueError):
+    """A command was given an impossible combination of arguments."""
+
 
 def _synth(args) -> None:
     from iuq.data.synthetic import SynthConfig, generate
@@ -17,16 +23,20 @@ def _synth(args) -> None:
 
 
 def _stats(args) -> None:
-    from iuq.data.stats import dataset_stats, format_stats
+    from iuq.data.stats import crowded_warning, dataset_stats, format_stats
 
-    print(format_stats(dataset_stats(args.ann_file)))
+    stats = dataset_stats(args.ann_file, args.images, args.skip_invalid, args.max_dets)
+    print(format_stats(stats))
+    warning = crowded_warning(stats)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _preview(args) -> None:
     from iuq.data.coco import CocoInstances
     from iuq.visualize import draw_instances, save_png
 
-    ds = CocoInstances(args.data, args.images)
+    ds = CocoInstances(args.data, args.images, skip_invalid=args.skip_invalid, skip_hint=SKIP_HINT)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i in range(min(args.num, len(ds))):
@@ -43,7 +53,7 @@ def _as_results(args) -> None:
     from iuq.data.coco import CocoInstances
     from iuq.evaluation.coco_eval import to_results
 
-    ds = CocoInstances(args.ann_file, args.images)
+    ds = CocoInstances(args.ann_file, args.images, skip_invalid=args.skip_invalid, skip_hint=SKIP_HINT)
     results = []
     for image_id in ds.image_ids:
         t = ds.load_target(image_id)
@@ -56,18 +66,18 @@ def _as_results(args) -> None:
 
 
 def _eval(args) -> None:
-    from iuq.evaluation.coco_eval import evaluate_results, format_table, write_metrics
+    from iuq.evaluation.coco_eval import evaluate_results, format_table, read_results, write_metrics
 
     if args.model is not None:
         metrics = _eval_model(args)
     else:
         if args.pred is None or args.gt is None:
-            raise SystemExit("iuq eval: give CHECKPOINT_OR_MODEL_DIR --data ANN.json --images DIR, or --gt and --pred")
-        with open(args.pred) as f:
-            results = json.load(f)
-        if not isinstance(results, list):
-            raise SystemExit(f"{args.pred}: expected a JSON list of COCO results")
-        metrics = evaluate_results(args.gt, results, backend=args.backend)
+            raise UsageError("iuq eval: give CHECKPOINT_OR_MODEL_DIR --data ANN.json --images DIR, or --gt and --pred")
+        from iuq.data.coco import CocoInstances
+
+        CocoInstances(args.gt, None, skip_hint=SKIP_HINT)  # the loader's checks, before COCOeval's asserts
+        results = read_results(args.pred)
+        metrics = evaluate_results(args.gt, results, backend=args.backend, max_dets=args.max_dets)
     print(format_table(metrics))
     if args.out:
         write_metrics(metrics, args.out)
@@ -79,10 +89,13 @@ def _eval_model(args) -> dict:
     from iuq.engine.inference import evaluate, load_trained
 
     if args.data is None or args.images is None:
-        raise SystemExit("iuq eval CHECKPOINT_OR_MODEL_DIR: give --data ANN.json and --images DIR")
+        raise UsageError("iuq eval CHECKPOINT_OR_MODEL_DIR: give --data ANN.json and --images DIR")
     trained = load_trained(args.model)
-    dataset = CocoInstances(args.data, args.images)
-    metrics, results = evaluate(trained, dataset, backend=args.backend, device=_device(args.device))
+    trained.top_k = max(trained.top_k, args.max_dets)
+    dataset = CocoInstances(args.data, args.images, skip_invalid=args.skip_invalid, skip_hint=SKIP_HINT)
+    metrics, results = evaluate(
+        trained, dataset, backend=args.backend, device=_device(args.device), max_dets=args.max_dets
+    )
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results))
@@ -119,7 +132,7 @@ def _predict(args) -> None:
     from iuq.data.transforms import collate
     from iuq.engine.inference import load_trained, predict, prepare_image
     from iuq.evaluation.coco_eval import to_results
-    from iuq.visualize import draw_instances, save_png
+    from iuq.visualize import draw_instances, save_png, side_by_side
 
     trained = load_trained(args.model)
     device = _device(args.device)
@@ -134,7 +147,8 @@ def _predict(args) -> None:
             results.append({**r, "file_name": str(path)})
         keep = scores >= args.threshold
         drawn = draw_instances(image, masks[keep], labels[keep], trained.class_names, scores[keep])
-        save_png(drawn, args.out / f"{Path(path).stem}.png")
+        title = f"{Path(path).name}: {int(keep.sum())} instances with score >= {args.threshold:g}"
+        save_png(side_by_side([(title, drawn)]), args.out / f"{Path(path).stem}.png")
         print(f"{path}: {int(keep.sum())} instances with score >= {args.threshold}")
     (args.out / "results.json").write_text(json.dumps(results))
     print(f"overlays and results.json ({len(results)} results; image_id = position in the list) in {args.out}")
@@ -142,6 +156,7 @@ def _predict(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iuq", description="Instance-Unique Querying for instance segmenters.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets: synthesise, inspect, preview").add_subparsers(
@@ -154,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=256, help="image side in px")
     s.set_defaults(func=_synth)
 
-    s = data.add_parser("stats", help="print counts and ranges of a COCO instances JSON")
+    s = data.add_parser("stats", help="validate a COCO instances JSON and print its counts and ranges")
     s.add_argument("ann_file", type=Path)
+    s.add_argument("--images", type=Path, help="image folder: also check that every image file exists")
+    s.add_argument("--max-dets", type=int, default=100, help="warn about images with more instances (eval.max_dets)")
+    s.add_argument("--skip-invalid", action="store_true", help="skip and count invalid entries instead of failing")
     s.set_defaults(func=_stats)
 
     s = data.add_parser("preview", help="draw ground-truth instances of a dataset to PNG")
@@ -163,12 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images", required=True, type=Path, help="image folder")
     s.add_argument("--out", required=True, type=Path)
     s.add_argument("--num", type=int, default=4)
+    s.add_argument("--skip-invalid", action="store_true", help="skip and count invalid entries instead of failing")
     s.set_defaults(func=_preview)
 
     s = data.add_parser("as-results", help="write ground truth as COCO results (score 1), for checks")
     s.add_argument("ann_file", type=Path)
     s.add_argument("--images", required=True, type=Path, help="image folder")
     s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--skip-invalid", action="store_true", help="skip and count invalid entries instead of failing")
     s.set_defaults(func=_as_results)
 
     s = sub.add_parser(
@@ -185,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pred", type=Path, help="COCO results JSON (segmentation RLE, score)")
     s.add_argument("--out", type=Path, help="write AP, AP50, AP75, APs, APm, APl here")
     s.add_argument("--backend", choices=("faster", "pycocotools"), default="faster")
+    s.add_argument("--max-dets", type=int, default=100, help="COCO maxDets: detections per image that count")
+    s.add_argument("--skip-invalid", action="store_true", help="skip and count invalid entries of --data")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.set_defaults(func=_eval)
 
@@ -206,18 +228,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from iuq.engine.console import silence_third_party_noise
+
+    silence_third_party_noise()
+    try:
+        args.func(args)
+    except Exception as err:  # the edge of the program: one line for the user, the traceback on --debug
+        if args.debug:
+            raise
+        expected = isinstance(err, user_errors())
+        message = one_line(err)
+        if not expected:
+            message = f"unexpected {type(err).__name__}: {message} (run again with --debug for the traceback)"
+        print(f"iuq: error: {message}", file=sys.stderr)
+        return 2 if expected else 1
+    return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input (files, config, data), each with a message naming it."""
     from iuq.config import ConfigError
     from iuq.data.coco import DatasetError
     from iuq.engine.inference import CheckpointError
     from iuq.engine.step import NonFiniteLossError
+    from iuq.evaluation.coco_eval import ResultsError
+    from iuq.models.backbones import WeightsError
 
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (DatasetError, ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError) as err:
-        print(f"iuq: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return (
+        UsageError,
+        DatasetError,
+        ConfigError,
+        CheckpointError,
+        NonFiniteLossError,
+        ResultsError,
+        WeightsError,
+        FileNotFoundError,
+        FileExistsError,
+    )
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line. An error raised in a DataLoader worker arrives with the
+    worker's traceback in its text; its last line is the original message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ class TrainConfig:
     checkpoint_every_steps: also write checkpoints/last.ckpt every this many steps (0: epochs only).
     eval_every_epochs: COCO evaluation on the val split every this many epochs (0: only at the end).
     deterministic: request deterministic kernels (CPU runs are deterministic either way).
+    log_every_steps: write every loss term to logs/ every this many steps.
+    print_every_steps: print a progress line (loss, s/step, time left) every this many steps.
+    threads: torch CPU threads (None: torch's default).
     """
 
     optimizer: str = "adamw"
@@ -86,7 +89,7 @@ class TrainConfig:
     poly_power: float = 0.9
     step_milestones: list[float] = field(default_factory=lambda: [0.889, 0.963])
     step_gamma: float = 0.1
-    warmup_steps: int = 0
+    warmup_steps: int = 100
     warmup_factor: float = 0.001
     grad_clip: float = 0.01
     max_steps: int | None = None
@@ -101,6 +104,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 500
     eval_every_epochs: int = 1
     log_every_steps: int = 10
+    print_every_steps: int = 50
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -116,13 +120,36 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """top_k: detections kept per image; backend: "faster" (faster-coco-eval) or "pycocotools";
-    num_vis: prediction PNGs written to the run directory at the end."""
+    """COCO mask AP on the val split, and the prediction pictures of a run.
 
-    top_k: int = 100
+    max_dets: COCO's maxDets, detections per image that count (100 in COCO; raise it for crowded
+        images: `iuq data stats` reports images with more instances than this).
+    top_k: detections the model keeps per image (None: max_dets).
+    backend: "faster" (faster-coco-eval) or "pycocotools".
+    num_vis: val images drawn to predictions/*.png at the end (ground truth beside prediction).
+    vis_threshold: score threshold of the drawn predictions.
+    """
+
+    max_dets: int = 100
+    top_k: int | None = None
     backend: str = "faster"
     num_vis: int = 4
+    vis_threshold: float = 0.5
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_dets < 1:
+            raise ConfigError(f"eval.max_dets: must be >= 1, got {self.max_dets}")
+        if self.top_k is not None and self.top_k < self.max_dets:
+            raise ConfigError(
+                f"eval.top_k: {self.top_k} keeps fewer detections than eval.max_dets {self.max_dets} counts; "
+                "raise it or leave it unset"
+            )
+
+    @property
+    def detections(self) -> int:
+        """Detections kept per image."""
+        return self.top_k if self.top_k is not None else self.max_dets
 
 
 @dataclass

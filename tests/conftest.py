@@ -6,9 +6,10 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO128 = ROOT.parent / "shared" / "datasets" / "coco128"
-COCO128_JSON = COCO128 / "annotations" / "instances_train2017.json"
-COCO128_IMAGES = COCO128 / "train2017"
+# Six real COCO images shipped with the tests (tests/assets/coco_sample/README.md).
+COCO_SAMPLE = ROOT / "tests" / "assets" / "coco_sample"
+COCO_JSON = COCO_SAMPLE / "instances.json"
+COCO_IMAGES = COCO_SAMPLE / "images"
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,15 @@
 import json
 
 from iuq.cli import main
-from tests.conftest import COCO128_IMAGES, COCO128_JSON
+from tests.conftest import COCO_IMAGES, COCO_JSON
 from tests.engine.test_train import tiny_data, tiny_overrides  # noqa: F401 (fixture)
 
 
 def test_eval_of_ground_truth_results_is_100(tmp_path, capsys):
     pred, out = tmp_path / "r.json", tmp_path / "m.json"
-    assert main(["data", "as-results", str(COCO128_JSON), "--images", str(COCO128_IMAGES), "--out", str(pred)]) == 0
-    assert len(json.loads(pred.read_text())) == 929
-    assert main(["eval", "--gt", str(COCO128_JSON), "--pred", str(pred), "--out", str(out)]) == 0
+    assert main(["data", "as-results", str(COCO_JSON), "--images", str(COCO_IMAGES), "--out", str(pred)]) == 0
+    assert len(json.loads(pred.read_text())) == 62
+    assert main(["eval", "--gt", str(COCO_JSON), "--pred", str(pred), "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == {k: 100.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
     assert "COCO mask AP" in capsys.readouterr().out
 
@@ -96,3 +96,42 @@ def test_config_typo_fails_before_work(tmp_path, capsys):
     assert main(["train", str(bad), "--out", str(tmp_path / "run")]) == 2
     assert "data.batch_szie" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_from_a_pretrained_checkpoint_is_quiet_and_trains_every_module(tiny_data, tmp_path, capfd, caplog):  # noqa: F811
+    """model.pretrained (from_pretrained gives an eval-mode model): no eval-mode warning, no
+    third-party noise; the run prints its summary, progress and the AP table."""
+    import warnings
+
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    from iuq.models.backbones import timm_backbone_config
+
+    config = Mask2FormerConfig(
+        backbone_config=timm_backbone_config("efficientnet_lite0"),
+        num_labels=3,
+        num_queries=6,
+        hidden_dim=32,
+        mask_feature_size=32,
+        feature_size=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        encoder_feedforward_dim=32,
+        dim_feedforward=32,
+    )
+    Mask2FormerForUniversalSegmentation(config).save_pretrained(tmp_path / "m2f")
+    capfd.readouterr()
+    caplog.clear()
+    run = tmp_path / "run"
+    extra = {"train.max_epochs": "null", "train.max_steps": 4, "train.print_every_steps": 2}
+    overrides = [a for kv in tiny_overrides(tiny_data, run, **extra) for a in ("--set", kv)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", *overrides, "--set", f"model.pretrained={tmp_path / 'm2f'}"]) == 0
+    out, err = capfd.readouterr()
+    text = out + err + "\n".join(r.getMessage() for r in caplog.records) + "\n".join(str(w.message) for w in caught)
+    for noise in ("eval mode", "is not a supported model", "litlogger", "LeafSpec", "GPU available", "TPU available"):
+        assert noise not in text, noise
+    assert f"model    Mask2Former, whole checkpoint {tmp_path / 'm2f'}" in out
+    assert "step 2/4" in out and "step 4/4" in out and "COCO mask AP" in out

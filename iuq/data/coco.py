@@ -104,10 +104,12 @@ class CocoInstances(torch.utils.data.Dataset):
 
     Args:
         ann_file: COCO instances JSON.
-        image_dir: folder holding the images named by `file_name`.
+        image_dir: folder holding the images named by `file_name`; None validates the annotations
+            alone (`iuq data stats`), and then no image can be loaded.
         transforms: callable (image, target) -> (image, target), see `iuq.data.transforms`.
         keep_empty: keep images with no (non-crowd) annotation; they are negatives for training.
         skip_invalid: instead of raising, skip bad annotations/images and count them (with a warning).
+        skip_hint: how the caller's user turns skipping on, for error messages (a config key, a CLI flag).
     """
 
     def __init__(
@@ -117,9 +119,13 @@ class CocoInstances(torch.utils.data.Dataset):
         transforms: Callable | None = None,
         keep_empty: bool = True,
         skip_invalid: bool = False,
+        skip_hint: str = "pass skip_invalid=True",
     ):
         self.ann_file = Path(ann_file)
-        self.image_dir = Path(image_dir)
+        self.image_dir = Path(image_dir) if image_dir is not None else None
+        if self.image_dir is not None and not self.image_dir.is_dir():
+            raise DatasetError(f"{self.image_dir}: image folder of {self.ann_file} does not exist")
+        self.skip_hint = skip_hint
         self.transforms = transforms
         self.skip_invalid = skip_invalid
         self.skipped = SkipReport()
@@ -134,24 +140,37 @@ class CocoInstances(torch.utils.data.Dataset):
         for img in data["images"]:
             try:
                 _check_image_entry(img, self.image_dir, self.ann_file)
+                if img["id"] in self.images:
+                    raise DatasetError(f"{self.ann_file}: image id {img['id']} appears twice in 'images'")
             except DatasetError as err:
-                self._invalid("image", img.get("id"), str(err))
+                self._invalid("image", img.get("id") if isinstance(img, dict) else None, str(err))
                 continue
             self.images[img["id"]] = img
 
         self.annotations: dict[int, list[dict]] = {i: [] for i in self.images}
+        self.crowd_annotations: list[dict] = []  # valid, kept for evaluation, not training targets
+        seen: set = set()
         for ann in data["annotations"]:
+            if not isinstance(ann, dict):
+                self._invalid("annotation", None, f"{self.ann_file}: an entry of 'annotations' is not an object")
+                continue
+            if ann.get("id") in seen:
+                self._invalid("annotation", ann.get("id"), f"{self.ann_file}: annotation id {ann['id']} appears twice")
+                continue
+            seen.add(ann.get("id"))
             problem = self._check_annotation(ann)
             if problem:
                 self._invalid("annotation", ann.get("id"), problem)
                 continue
-            if not ann.get("iscrowd", 0):
+            if ann.get("iscrowd", 0):
+                self.crowd_annotations.append(ann)
+            else:
                 self.annotations[ann["image_id"]].append(ann)
 
         self.image_ids = [i for i in self.images if keep_empty or self.annotations[i]]
         if self.skipped:
             log.warning(
-                "%s: skipped %d invalid annotations and %d invalid images (skip_invalid=True); first: %s",
+                "%s: skipped %d invalid annotations and %d invalid images; first: %s",
                 self.ann_file,
                 len(self.skipped.annotations),
                 len(self.skipped.images),
@@ -160,7 +179,7 @@ class CocoInstances(torch.utils.data.Dataset):
 
     def _invalid(self, kind: str, ident, why: str) -> None:
         if not self.skip_invalid:
-            raise DatasetError(f"{why} (or pass skip_invalid=True to skip and count such entries)")
+            raise DatasetError(f"{why} (or {self.skip_hint} to skip and count such entries)")
         (self.skipped.annotations if kind == "annotation" else self.skipped.images).append((ident, why))
 
     def _check_annotation(self, ann: dict) -> str | None:
@@ -173,6 +192,8 @@ class CocoInstances(torch.utils.data.Dataset):
             return f"{where}: image_id {ann['image_id']} is not in 'images'"
         if ann["category_id"] not in self.category_to_label:
             return f"{where}: category_id {ann['category_id']} is not in 'categories'"
+        if ann.get("iscrowd", 0) not in (0, 1):
+            return f"{where}: iscrowd must be 0 or 1, got {ann['iscrowd']!r}"
         img = self.images[ann["image_id"]]
         try:
             mask = decode_segmentation(ann["segmentation"], img["height"], img["width"])
@@ -188,8 +209,10 @@ class CocoInstances(torch.utils.data.Dataset):
     def load_image(self, image_id: int) -> torch.Tensor:
         """image [3, H, W] float32 in [0, 1]."""
         info = self.images[image_id]
+        if self.image_dir is None:
+            raise DatasetError(f"{self.ann_file}: opened without an image folder; cannot load image {image_id}")
         path = self.image_dir / info["file_name"]
-        image = read_image(path, f"image {image_id}")
+        image = read_image(path, f"image id {image_id}")
         if tuple(image.shape[1:]) != (info["height"], info["width"]):
             raise DatasetError(
                 f"{path}: image is {image.shape[2]}x{image.shape[1]} but {self.ann_file} says "
@@ -229,8 +252,12 @@ def _read_json(path: Path) -> dict:
             data = json.load(f)
     except FileNotFoundError as err:
         raise DatasetError(f"{path}: annotation file not found") from err
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path}: not valid JSON ({err})") from err
+    except IsADirectoryError as err:
+        raise DatasetError(f"{path}: is a folder; expected a COCO instances JSON file") from err
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the annotation file ({err.strerror or err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON ({err}); is the file complete?") from err
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: not a COCO instances file (top level is not an object)")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
@@ -239,16 +266,27 @@ def _read_json(path: Path) -> dict:
             f"{path}: not a COCO instances file: missing list(s) {missing}; expected keys "
             "'images', 'annotations' and 'categories'"
         )
+    ids = set()
     for cat in data["categories"]:
-        if "id" not in cat:
+        if not isinstance(cat, dict) or "id" not in cat:
             raise DatasetError(f"{path}: category without 'id': {cat}")
+        if cat["id"] in ids:
+            raise DatasetError(f"{path}: category id {cat['id']} appears twice in 'categories'")
+        ids.add(cat["id"])
     return data
 
 
-def _check_image_entry(img: dict, image_dir: Path, ann_file: Path) -> None:
+def _check_image_entry(img: dict, image_dir: Path | None, ann_file: Path) -> None:
+    if not isinstance(img, dict):
+        raise DatasetError(f"{ann_file}: an entry of 'images' is not an object: {img!r}")
     for key in ("id", "file_name", "height", "width"):
         if key not in img:
             raise DatasetError(f"{ann_file}: image entry {img.get('id')} is missing key '{key}'")
+    for key in ("height", "width"):
+        if not isinstance(img[key], int) or img[key] < 1:
+            raise DatasetError(f"{ann_file}: image id {img['id']}: '{key}' must be an integer >= 1, not {img[key]!r}")
+    if image_dir is None:
+        return
     path = image_dir / img["file_name"]
     if not path.is_file():
         raise DatasetError(f"{path}: image file of image id {img['id']} not found")

@@ -137,7 +137,8 @@ def open_split(ann: str, images: str, skip_invalid: bool, keep_empty: bool) -> C
     for path, what in ((ann, "annotations"), (images, "image folder")):
         if not Path(path).exists():
             raise FileNotFoundError(f"{what} {path} does not exist; check data.* in the config")
-    return CocoInstances(ann, images, skip_invalid=skip_invalid, keep_empty=keep_empty)
+    hint = "set data.skip_invalid: true in the config (or --set data.skip_invalid=true)"
+    return CocoInstances(ann, images, skip_invalid=skip_invalid, keep_empty=keep_empty, skip_hint=hint)
 
 
 def train_loader(

@@ -17,6 +17,7 @@ import torch
 from iuq.data.coco import CocoInstances
 from iuq.engine.data import ResizeShortSide, test_loader
 from iuq.evaluation.coco_eval import CocoMaskEvaluator
+from iuq.models.backbones import with_plain_batchnorm
 from iuq.models.mask2former import IMAGENET_MEAN, IMAGENET_STD, Mask2FormerAdapter, instance_predictions
 
 
@@ -54,7 +55,7 @@ def load_trained(path: str | Path) -> TrainedModel:
     ckpt = load_checkpoint(path)
     if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not an iuq training checkpoint (no hyper_parameters / state_dict)")
-    module = IUQModule(**dict(ckpt["hyper_parameters"]))
+    module = IUQModule(**dict(ckpt["hyper_parameters"]), hf_config=ckpt.get("hf_config"))
     module.load_state_dict(ckpt["state_dict"])
     cfg = module.cfg
     return TrainedModel(
@@ -63,7 +64,7 @@ def load_trained(path: str | Path) -> TrainedModel:
         module.class_names,
         cfg.data.test_short_side,
         cfg.data.max_size,
-        cfg.eval.top_k,
+        cfg.eval.detections,
     )
 
 
@@ -84,22 +85,25 @@ def _from_model_dir(path: Path) -> TrainedModel:
     names = [config.id2label[i] for i in range(n)]
     processor = path / "preprocessor_config.json"
     short, longest = 800, 1333  # the paper's test size
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     if processor.is_file():
-        size = json.loads(processor.read_text()).get("size", {})
+        settings = json.loads(processor.read_text())
+        size = settings.get("size", {})
         short, longest = size.get("shortest_edge", short), size.get("longest_edge", longest)
+        mean, std = settings.get("image_mean", mean), settings.get("image_std", std)
     else:
         warnings.warn(
             f"{path} has no preprocessor_config.json; resizing to shortest side {short}, longest {longest}",
             stacklevel=2,
         )
-    return TrainedModel(Mask2FormerAdapter(model).eval(), categories, names, short, longest)
+    return TrainedModel(Mask2FormerAdapter(model, mean, std).eval(), categories, names, short, longest)
 
 
 def save_model_dir(adapter: Mask2FormerAdapter, path: str | Path, label_to_category, class_names, short_side, max_size):
     """`save_pretrained` of the plain HF model, with label names, category ids and the processor."""
     from transformers import Mask2FormerImageProcessor
 
-    model = adapter.model
+    model = with_plain_batchnorm(adapter.model)
     model.config.id2label = dict(enumerate(class_names))
     model.config.label2id = {name: i for i, name in enumerate(class_names)}
     model.config.coco_category_ids = list(label_to_category)
@@ -107,8 +111,8 @@ def save_model_dir(adapter: Mask2FormerAdapter, path: str | Path, label_to_categ
     processor = Mask2FormerImageProcessor(
         size={"shortest_edge": short_side, "longest_edge": max_size},
         size_divisor=32,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
+        image_mean=adapter.mean.flatten().tolist(),
+        image_std=adapter.std.flatten().tolist(),
         do_reduce_labels=False,
     )
     processor.save_pretrained(path)
@@ -137,8 +141,9 @@ def evaluate(
     num_workers: int = 0,
     backend: str = "faster",
     device: torch.device | str = "cpu",
+    max_dets: int = 100,
 ) -> tuple[dict[str, float], list[dict]]:
-    """COCO mask metrics of `trained` on `dataset`, and the results list."""
+    """COCO mask metrics of `trained` on `dataset` (COCO's maxDets = `max_dets`), and the results list."""
     if len(dataset.category_ids) != len(trained.label_to_category) or sorted(dataset.category_ids) != sorted(
         trained.label_to_category
     ):
@@ -146,7 +151,7 @@ def evaluate(
             f"{dataset.ann_file}: its categories {dataset.category_ids} differ from the model's "
             f"{trained.label_to_category}; evaluate on data with the training categories"
         )
-    evaluator = CocoMaskEvaluator(dataset.ann_file, trained.label_to_category, backend=backend)
+    evaluator = CocoMaskEvaluator(dataset.ann_file, trained.label_to_category, backend=backend, max_dets=max_dets)
     for batch in test_loader(dataset, trained.short_side, trained.max_size, batch_size, num_workers):
         evaluator.process([t["image_id"] for t in batch["targets"]], predict(trained, batch, device))
     return evaluator.evaluate(), evaluator.results

@@ -20,7 +20,7 @@ from iuq.core.criterion import IUQCriterion
 from iuq.engine.inference import batch_instances
 from iuq.engine.step import NonFiniteLossError, training_step
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results
-from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former
+from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former, mask2former_from_config
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
@@ -42,14 +42,20 @@ class IUQModule(L.LightningModule):
     config: a `RunConfig` as a plain dict (kept in the checkpoint's hyper-parameters).
     label_to_category: COCO category id of each contiguous label (from the training set).
     class_names: name of each label.
+    hf_config: the HF model config saved in a checkpoint; given, the model is built from it at random
+        init (its weights follow from the checkpoint), with no hub or weights package involved.
     """
 
-    def __init__(self, config: dict, label_to_category: list[int], class_names: list[str]):
+    def __init__(
+        self, config: dict, label_to_category: list[int], class_names: list[str], hf_config: dict | None = None
+    ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["hf_config"])
         self.cfg: RunConfig = from_dict(RunConfig, config)
         self.cfg.model.num_labels = len(label_to_category)
-        self.model = Mask2FormerAdapter(build_mask2former(self.cfg.model))
+        m = self.cfg.model
+        hf_model = build_mask2former(m) if hf_config is None else mask2former_from_config(hf_config, m.freeze_bn)
+        self.model = Mask2FormerAdapter(hf_model, m.image_mean, m.image_std)
         iuq = self.cfg.iuq
         self.criterion = None
         if iuq.inter or iuq.equi:
@@ -91,6 +97,10 @@ class IUQModule(L.LightningModule):
         self._pending_samples = result.samples
         return result.loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The architecture itself, so that a checkpoint loads without the hub or the weights packages.
+        checkpoint["hf_config"] = self.model.model.config.to_dict()
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Right after the step, before any callback (a step checkpoint must hold the updated memory);
@@ -124,7 +134,7 @@ class IUQModule(L.LightningModule):
             self.evaluator.reset()
 
     def validation_step(self, batch, batch_idx):
-        predictions = batch_instances(self.model, batch, self.cfg.eval.top_k)
+        predictions = batch_instances(self.model, batch, self.cfg.eval.detections)
         if self.evaluator is not None:
             self.evaluator.process([t["image_id"] for t in batch["targets"]], predictions)
 
@@ -142,7 +152,11 @@ def evaluate_across_ranks(evaluator: CocoMaskEvaluator) -> dict[str, float]:
         shards = [None] * dist.get_world_size()
         dist.all_gather_object(shards, evaluator.results)
         results = [r for shard in shards for r in shard]
-        metrics = [evaluate_results(evaluator.coco_gt, results, evaluator.backend) if dist.get_rank() == 0 else None]
+        metrics = [
+            evaluate_results(evaluator.coco_gt, results, evaluator.backend, evaluator.max_dets)
+            if dist.get_rank() == 0
+            else None
+        ]
         dist.broadcast_object_list(metrics, src=0)
         return metrics[0]
     return evaluator.evaluate()

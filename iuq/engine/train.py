@@ -22,11 +22,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from iuq.config import RunConfig, save_config
 from iuq.data.coco import CocoInstances
 from iuq.data.synthetic import SynthConfig, generate
+from iuq.engine.console import ProgressPrinter, run_summary, silence_third_party_noise
 from iuq.engine.data import open_split, test_loader, train_loader
 from iuq.engine.inference import TrainedModel, evaluate, predict, save_model_dir
 from iuq.engine.module import IUQModule
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, format_table, write_metrics
-from iuq.visualize import draw_instances, save_png
+from iuq.visualize import draw_instances, save_png, side_by_side
 
 
 class RunData(L.LightningDataModule):
@@ -121,9 +122,15 @@ def build_trainer(cfg: RunConfig, out: Path, has_val: bool, callbacks: list | No
         limit_val_batches=None if has_val and t.eval_every_epochs > 0 else 0,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # our EpochSampler shards and seeds by epoch itself
-        callbacks=[*checkpoints, LearningRateMonitor(logging_interval="step"), *(callbacks or [])],
+        callbacks=[
+            *checkpoints,
+            LearningRateMonitor(logging_interval="step"),
+            ProgressPrinter(t.print_every_steps),
+            *(callbacks or []),
+        ],
         logger=loggers,
         enable_model_summary=False,
+        enable_progress_bar=False,  # ProgressPrinter's lines read well in terminals and log files alike
     )
 
 
@@ -140,6 +147,7 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
         raise FileExistsError(
             f"{out} already holds a run ({last}); pass --resume to continue it or --out to start a new one"
         )
+    silence_third_party_noise()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -147,7 +155,9 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     train_set, val_set = open_data(cfg)
     module = IUQModule(cfg.to_dict(), train_set.category_ids, train_set.class_names)
     if val_set is not None:
-        module.evaluator = CocoMaskEvaluator(val_set.ann_file, train_set.category_ids, cfg.eval.backend)
+        module.evaluator = CocoMaskEvaluator(
+            val_set.ann_file, train_set.category_ids, cfg.eval.backend, cfg.eval.max_dets
+        )
     if resume and rank_zero_only.rank == 0:  # the rank Lightning reads from torchrun / SLURM variables
         set_aside_csv_log(out / "logs")
     trainer = build_trainer(cfg, out, val_set is not None, callbacks)
@@ -155,6 +165,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     module.total_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     if trainer.is_global_zero:
         save_config(cfg, out / "config.yaml")
+        device = str(trainer.strategy.root_device)
+        print(run_summary(cfg, len(train_set), len(val_set) if val_set else None, device, trainer.world_size))
     trainer.fit(
         module, datamodule=RunData(cfg, train_set, val_set), ckpt_path=last if resume else None, weights_only=True
     )
@@ -208,24 +220,43 @@ def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out
     if val_set is None:
         return None
     trained = TrainedModel(
-        adapter, module.label_to_category, module.class_names, d.test_short_side, d.max_size, cfg.eval.top_k
+        adapter, module.label_to_category, module.class_names, d.test_short_side, d.max_size, cfg.eval.detections
     )
-    metrics, _ = evaluate(trained, val_set, cfg.eval.batch_size, backend=cfg.eval.backend, device=device)
+    metrics, _ = evaluate(
+        trained, val_set, cfg.eval.batch_size, backend=cfg.eval.backend, device=device, max_dets=cfg.eval.max_dets
+    )
     write_metrics(metrics, out / "metrics.json")
-    vis = out / "predictions"
-    vis.mkdir(parents=True, exist_ok=True)
-    loader = test_loader(val_set, d.test_short_side, d.max_size, batch_size=1)
-    for i, batch in enumerate(loader):
-        if i >= cfg.eval.num_vis:
-            break
-        pred = {k: v.cpu() for k, v in predict(trained, batch, device)[0].items()}
-        keep = pred["scores"] >= 0.5
-        image_id = batch["targets"][0]["image_id"]
-        image, _ = val_set[val_set.image_ids.index(image_id)]
-        drawn = draw_instances(
-            image, pred["masks"][keep], pred["labels"][keep], module.class_names, pred["scores"][keep]
-        )
-        save_png(drawn, vis / f"pred_{image_id}.png")
+    draw_predictions(trained, val_set, out / "predictions", cfg.eval.num_vis, cfg.eval.vis_threshold, device)
     print(format_table(metrics))
     print(f"run directory: {out.resolve()}  (metrics.json, model/, checkpoints/last.ckpt, logs/, predictions/)")
     return metrics
+
+
+def draw_predictions(
+    trained: TrainedModel, dataset: CocoInstances, out: Path, num: int, threshold: float, device
+) -> None:
+    """predictions/<image id>.png for the first `num` images: ground truth beside the predictions
+    scoring at least `threshold`."""
+    out.mkdir(parents=True, exist_ok=True)
+    loader = test_loader(dataset, trained.short_side, trained.max_size, batch_size=1)
+    for i, batch in enumerate(loader):
+        if i >= num:
+            break
+        pred = {k: v.cpu() for k, v in predict(trained, batch, device)[0].items()}
+        keep = pred["scores"] >= threshold
+        image_id = batch["targets"][0]["image_id"]
+        image = dataset.load_image(image_id)
+        truth = dataset.load_target(image_id)
+        panels = [
+            (
+                f"ground truth ({len(truth['labels'])})",
+                draw_instances(image, truth["masks"], truth["labels"], trained.class_names),
+            ),
+            (
+                f"prediction ({int(keep.sum())} with score >= {threshold:g})",
+                draw_instances(
+                    image, pred["masks"][keep], pred["labels"][keep], trained.class_names, pred["scores"][keep]
+                ),
+            ),
+        ]
+        save_png(side_by_side(panels), out / f"{image_id}.png")

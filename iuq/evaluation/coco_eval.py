@@ -21,6 +21,44 @@ import torch
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+class ResultsError(ValueError):
+    """A COCO results file is unreadable or malformed (the message names the file and entry)."""
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """A COCO results JSON (a list of {image_id, category_id, segmentation RLE, score}), checked."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError as err:
+        raise ResultsError(f"{path}: results file not found") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ResultsError(f"{path}: not valid JSON ({err}); is the file complete?") from err
+    except OSError as err:
+        raise ResultsError(f"{path}: cannot read the results file ({err.strerror or err})") from err
+    if not isinstance(results, list):
+        raise ResultsError(f"{path}: expected a JSON list of COCO results, got a {type(results).__name__}")
+    for i, r in enumerate(results):
+        problem = _results_entry_problem(r)
+        if problem:
+            raise ResultsError(f"{path}: entry {i}: {problem}")
+    return results
+
+
+def _results_entry_problem(r) -> str | None:
+    if not isinstance(r, dict):
+        return "not an object"
+    missing = [k for k in ("image_id", "category_id", "segmentation", "score") if k not in r]
+    if missing:
+        return f"missing key(s) {missing}; mask results need image_id, category_id, segmentation (RLE) and score"
+    seg = r["segmentation"]
+    if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+        return "segmentation must be an RLE object with 'size' and 'counts'"
+    if not isinstance(r["score"], (int, float)) or not np.isfinite(r["score"]):
+        return f"score must be a finite number, got {r['score']!r}"
+    return None
+
+
 def encode_masks(masks: torch.Tensor | np.ndarray) -> list[dict]:
     """masks [N, H, W] bool -> N compressed RLEs with `counts` as str (JSON-ready)."""
     masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else masks
@@ -61,17 +99,32 @@ def load_gt(gt: str | os.PathLike | dict, backend: str = "faster"):
         return COCO(str(gt))
 
 
-def evaluate_results(gt, results: list[dict], backend: str = "faster") -> dict[str, float]:
+def evaluate_results(gt, results: list[dict], backend: str = "faster", max_dets: int = 100) -> dict[str, float]:
     """COCO segm metrics of `results` against `gt` (path, dict or COCO object).
 
+    max_dets: COCO's maxDets, the detections per image that count (highest scores first); crowded
+        images with more instances than this cannot reach full recall.
     Returns AP, AP50, AP75, APs, APm, APl on the 0-100 scale; COCO's -1 ("no ground truth in this
     area range") is kept as -1.0.
     """
+    if max_dets < 1:
+        raise ValueError(f"eval.max_dets: must be >= 1, got {max_dets}")
     coco_gt = gt if hasattr(gt, "getImgIds") else load_gt(gt, backend)
     known = set(coco_gt.getImgIds())
     unknown = sorted({r["image_id"] for r in results} - known)
     if unknown:
-        raise ValueError(f"predictions name image ids not in the ground truth: {unknown[:10]}")
+        raise ResultsError(f"results name image ids that are not in the ground truth: {unknown[:10]}")
+    categories = set(coco_gt.getCatIds())
+    unknown = sorted({r["category_id"] for r in results} - categories)
+    if unknown:
+        raise ResultsError(f"results name category ids that are not in the ground truth: {unknown[:10]}")
+    for i, r in enumerate(results):
+        info = coco_gt.imgs[r["image_id"]]
+        if list(r["segmentation"]["size"]) != [info["height"], info["width"]]:
+            raise ResultsError(
+                f"result {i} (image id {r['image_id']}): mask size {r['segmentation']['size']} differs from the "
+                f"image's {[info['height'], info['width']]}"
+            )
     results = copy.deepcopy(results)  # both loadRes implementations add keys to the entries in place
     with contextlib.redirect_stdout(io.StringIO()):
         if backend == "faster":
@@ -85,11 +138,35 @@ def evaluate_results(gt, results: list[dict], backend: str = "faster") -> dict[s
                 return {k: 0.0 for k in METRIC_KEYS}
             coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, "segm")
+        # Sorted, ending at max_dets: pycocotools sorts maxDets itself and cuts at the last one.
+        ev.params.maxDets = [m for m in (1, 10) if m < max_dets] + [max_dets]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    stats = [float(s) for s in ev.stats[:6]]
-    return {k: (s * 100.0 if s >= 0 else -1.0) for k, s in zip(METRIC_KEYS, stats, strict=True)}
+    return summarize_precision(ev.eval["precision"], ev.params.iouThrs)
+
+
+def summarize_precision(precision: np.ndarray, iou_thresholds: np.ndarray) -> dict[str, float]:
+    """The six COCO AP figures from COCOeval's accumulated precision [T, R, K, A, M] at the last
+    maxDets (M = -1); areas in COCO's order all, small, medium, large.
+
+    COCOeval's own `summarize` is not used: pycocotools computes its headline AP at a hard-coded
+    maxDets of 100, whatever `params.maxDets` says, so any other eval.max_dets would read -1.
+    """
+
+    def mean(p: np.ndarray) -> float:
+        valid = p[p > -1]
+        return float(valid.mean()) * 100.0 if valid.size else -1.0
+
+    t50 = int(np.argmin(np.abs(iou_thresholds - 0.5)))
+    t75 = int(np.argmin(np.abs(iou_thresholds - 0.75)))
+    return {
+        "AP": mean(precision[:, :, :, 0, -1]),
+        "AP50": mean(precision[t50, :, :, 0, -1]),
+        "AP75": mean(precision[t75, :, :, 0, -1]),
+        "APs": mean(precision[:, :, :, 1, -1]),
+        "APm": mean(precision[:, :, :, 2, -1]),
+        "APl": mean(precision[:, :, :, 3, -1]),
+    }
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -111,12 +188,14 @@ class CocoMaskEvaluator:
         gt: ground truth (instances JSON path or loaded dict).
         label_to_category: COCO category id of each contiguous label the model predicts.
         backend: "faster" (faster-coco-eval, default) or "pycocotools".
+        max_dets: COCO's maxDets (100 unless images hold more instances).
     """
 
-    def __init__(self, gt, label_to_category: list[int], backend: str = "faster"):
+    def __init__(self, gt, label_to_category: list[int], backend: str = "faster", max_dets: int = 100):
         self.coco_gt = load_gt(gt, backend)
         self.label_to_category = torch.as_tensor(label_to_category, dtype=torch.int64)
         self.backend = backend
+        self.max_dets = max_dets
         self.reset()
 
     def reset(self) -> None:
@@ -133,4 +212,4 @@ class CocoMaskEvaluator:
         return self._results
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate_results(self.coco_gt, self._results, self.backend)
+        return evaluate_results(self.coco_gt, self._results, self.backend, self.max_dets)

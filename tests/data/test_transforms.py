@@ -11,11 +11,11 @@ from iuq.data.transforms import (
     hflip,
     resize_output_size,
 )
-from tests.conftest import COCO128_IMAGES, COCO128_JSON
+from tests.conftest import COCO_IMAGES, COCO_JSON
 
 
 def _sample():
-    ds = CocoInstances(COCO128_JSON, COCO128_IMAGES)
+    ds = CocoInstances(COCO_JSON, COCO_IMAGES)
     return ds[1]
 
 

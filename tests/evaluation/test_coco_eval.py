@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results, to_results
-from tests.conftest import COCO128_JSON
+from tests.conftest import COCO_JSON
 
 
 def _gt_as_results(gt: dict) -> list[dict]:
@@ -25,8 +25,8 @@ def _gt_as_results(gt: dict) -> list[dict]:
 
 
 def test_ground_truth_as_predictions_gives_ap_100():
-    gt = json.loads(COCO128_JSON.read_text())
-    metrics = evaluate_results(COCO128_JSON, _gt_as_results(gt))
+    gt = json.loads(COCO_JSON.read_text())
+    metrics = evaluate_results(COCO_JSON, _gt_as_results(gt))
     assert metrics == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APs": 100.0, "APm": 100.0, "APl": 100.0}
 
 
@@ -114,5 +114,37 @@ def test_evaluator_reset_process_evaluate_matches_functional():
 def test_unknown_image_id_is_an_error():
     gt, results = _constructed_case()
     results[0]["image_id"] = 99
-    with pytest.raises(ValueError, match=r"image ids not in the ground truth: \[99\]"):
+    with pytest.raises(ValueError, match=r"image ids that are not in the ground truth: \[99\]"):
         evaluate_results(gt, results)
+
+
+@pytest.mark.parametrize("backend", ["faster", "pycocotools"])
+def test_max_dets_caps_recall_on_a_crowded_image(backend):
+    """One image, three 20x20 ground-truth squares, three exact predictions scored 0.9, 0.8, 0.7.
+    maxDets=2 keeps the first two: precision 1 up to recall 2/3, then nothing, so COCO's 101-point
+    interpolation gives 67/101 at every IoU threshold; maxDets=1 gives 34/101."""
+    from iuq.evaluation.coco_eval import encode_masks
+
+    masks = np.zeros((3, 64, 64), dtype=bool)
+    for k in range(3):
+        masks[k, 2 + 20 * k : 22 + 20 * k, 2:22] = True
+    rles = encode_masks(masks)
+    gt = {
+        "images": [{"id": 1, "height": 64, "width": 64, "file_name": "1.png"}],
+        "annotations": [
+            {"id": k + 1, "image_id": 1, "category_id": 1, "segmentation": rle, "area": 400, "bbox": [0, 0, 1, 1]}
+            | {"iscrowd": 0}
+            for k, rle in enumerate(rles)
+        ],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    results = [
+        {"image_id": 1, "category_id": 1, "segmentation": rle, "score": s}
+        for rle, s in zip(rles, (0.9, 0.8, 0.7), strict=True)
+    ]
+    full = evaluate_results(gt, results, backend=backend)
+    assert full["AP"] == pytest.approx(100.0) and full["APs"] == pytest.approx(100.0) and full["APm"] == -1.0
+    two = evaluate_results(gt, results, backend=backend, max_dets=2)
+    assert two["AP"] == pytest.approx(100 * 67 / 101) and two["AP50"] == pytest.approx(100 * 67 / 101)
+    one = evaluate_results(gt, results, backend=backend, max_dets=1)
+    assert one["AP"] == pytest.approx(100 * 34 / 101)
