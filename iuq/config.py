@@ -40,7 +40,9 @@ class DataConfig:
 
     train_short_side: (lo, hi) range of the random shortest side; max_size caps the long side.
     test_short_side: shortest side at evaluation and prediction.
-    crop_p, crop_min: probability and minimum relative side of the random crop augmentation.
+    crop_p, crop_min, crop_max: probability and relative side range of the random crop augmentation
+        (crop_min = crop_max gives fixed-size crops: e.g. 128 px patches of 256 px tiles, so that a
+        CPU run takes more, cheaper steps).
     batch_size: images per device per step (the paper's 16 is the global batch: 8 GPUs x 2).
     synthetic: when set and `train_ann` does not exist, the embedded dataset is generated first.
     """
@@ -56,9 +58,16 @@ class DataConfig:
     flip_p: float = 0.5
     crop_p: float = 0.0
     crop_min: float = 0.6
+    crop_max: float = 1.0
     batch_size: int = 2
     num_workers: int = 2
     skip_invalid: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.crop_min <= self.crop_max <= 1:
+            raise ConfigError(
+                f"data.crop_min, data.crop_max: need 0 < min <= max <= 1, got {self.crop_min}, {self.crop_max}"
+            )
 
 
 @dataclass

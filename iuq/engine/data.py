@@ -129,7 +129,7 @@ def train_transform(data_cfg) -> Compose:
     lo, hi = data_cfg.train_short_side
     steps = [RandomResize((lo, hi), data_cfg.max_size), RandomHorizontalFlip(data_cfg.flip_p)]
     if data_cfg.crop_p > 0:
-        steps.append(RandomCrop((data_cfg.crop_min, 1.0), p=data_cfg.crop_p))
+        steps.append(RandomCrop((data_cfg.crop_min, data_cfg.crop_max), p=data_cfg.crop_p))
     return Compose(steps)
 
 
