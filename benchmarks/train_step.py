@@ -39,7 +39,9 @@ def main() -> None:
     p.add_argument("--config", help="take model, batch size, image size and IUQ settings from a run config")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    model_cfg, iuq_cfg = Mask2FormerModelConfig(num_labels=4), IUQConfig(memory_capacity=args.memory)
+    # The small random-init ResNet of the figures in docs/benchmarks.md (--config picks any other model).
+    model_cfg = Mask2FormerModelConfig(backbone="resnet", num_labels=4)
+    iuq_cfg = IUQConfig(memory_capacity=args.memory)
     synth = {}
     if args.config:
         run = load_config(args.config)

@@ -135,3 +135,19 @@ def test_a_run_from_a_pretrained_checkpoint_is_quiet_and_trains_every_module(tin
         assert noise not in text, noise
     assert f"model    Mask2Former, whole checkpoint {tmp_path / 'm2f'}" in out
     assert "step 2/4" in out and "step 4/4" in out and "COCO mask AP" in out
+
+
+def test_a_corrupt_training_image_stops_the_run_with_one_line(tiny_data, tmp_path, capsys):  # noqa: F811
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = sorted((data / "train").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # a truncated PNG
+    extra = {"data.num_workers": 1, "train.max_epochs": 1}  # the error is raised in a loader worker
+    overrides = [a for kv in tiny_overrides(data, tmp_path / "run", **extra) for a in ("--set", kv)]
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("iuq: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert victim.name in lines[0] and "cannot read image id" in lines[0]

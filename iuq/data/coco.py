@@ -91,7 +91,7 @@ def read_image(path: str | Path, what: str = "image") -> torch.Tensor:
         with Image.open(path) as im:
             image = pil_to_tensor(im.convert("RGB"))  # [3, H, W] uint8
     except (OSError, UnidentifiedImageError) as err:
-        raise DatasetError(f"{path}: cannot read {what}: {err}") from err
+        raise DatasetError(f"{path}: cannot read {what} ({err}); replace the file or remove its entry") from err
     return image.float() / 255.0
 
 

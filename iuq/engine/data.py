@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from iuq.config import ConfigError
 from iuq.data.coco import CocoInstances
 from iuq.data.transforms import (
     Compose,
@@ -44,7 +45,7 @@ class EpochSampler(Sampler):
         self.resume_at: tuple[int, int] | None = None
         self.per_rank = (size // (world_size * batch_size)) * batch_size
         if self.per_rank == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{size} training images are fewer than one batch per device "
                 f"({batch_size} x {world_size} devices); lower data.batch_size"
             )

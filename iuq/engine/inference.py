@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from iuq.data.coco import CocoInstances
+from iuq.data.coco import CocoInstances, DatasetError
 from iuq.engine.data import ResizeShortSide, test_loader
 from iuq.evaluation.coco_eval import CocoMaskEvaluator
 from iuq.models.backbones import with_plain_batchnorm
@@ -147,7 +147,7 @@ def evaluate(
     if len(dataset.category_ids) != len(trained.label_to_category) or sorted(dataset.category_ids) != sorted(
         trained.label_to_category
     ):
-        raise ValueError(
+        raise DatasetError(
             f"{dataset.ann_file}: its categories {dataset.category_ids} differ from the model's "
             f"{trained.label_to_category}; evaluate on data with the training categories"
         )

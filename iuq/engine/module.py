@@ -15,7 +15,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from iuq.config import RunConfig, from_dict
+from iuq.config import ConfigError, RunConfig, from_dict
 from iuq.core.criterion import IUQCriterion
 from iuq.engine.inference import batch_instances
 from iuq.engine.step import NonFiniteLossError, training_step
@@ -124,7 +124,7 @@ class IUQModule(L.LightningModule):
         # run sets `total_steps` from the config and the dataset size instead.
         total = self.total_steps or self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
-            raise ValueError("cannot size the LR schedule: set train.max_steps or train.max_epochs")
+            raise ConfigError("cannot size the LR schedule: set train.max_steps or train.max_epochs")
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, total=int(total), cfg=t))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

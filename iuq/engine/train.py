@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from iuq.config import RunConfig, save_config
-from iuq.data.coco import CocoInstances
+from iuq.config import ConfigError, RunConfig, save_config
+from iuq.data.coco import CocoInstances, DatasetError
 from iuq.data.synthetic import SynthConfig, generate
 from iuq.engine.console import ProgressPrinter, run_summary, silence_third_party_noise
 from iuq.engine.data import open_split, test_loader, train_loader
@@ -79,10 +79,10 @@ def open_data(cfg: RunConfig) -> tuple[CocoInstances, CocoInstances | None]:
     val = None
     if d.val_ann:
         if not d.val_images:
-            raise ValueError("data.val_images: required when data.val_ann is set")
+            raise ConfigError("data.val_images: required when data.val_ann is set")
         val = open_split(d.val_ann, d.val_images, d.skip_invalid, keep_empty=True)
         if sorted(val.category_ids) != sorted(train.category_ids):
-            raise ValueError(
+            raise DatasetError(
                 f"{d.val_ann}: categories {val.category_ids} differ from the training set's "
                 f"{train.category_ids} ({d.train_ann})"
             )

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from iuq.config import load_config
+from iuq.config import ConfigError, load_config
 from iuq.engine.inference import load_checkpoint
 from iuq.engine.module import lr_factor
 from iuq.engine.step import NonFiniteLossError
@@ -40,6 +40,7 @@ def tiny_overrides(data: Path, out: Path, **extra) -> list[str]:
         "data.batch_size": 4,
         "data.num_workers": 0,
         "data.crop_p": 0.5,
+        "model.backbone": "resnet",
         "model.backbone_widths": "[8,16,16,16]",
         "model.num_queries": 6,
         "model.hidden_dim": 32,
@@ -157,8 +158,6 @@ def test_nonfinite_loss_stops_naming_step_and_term(tiny_data, tmp_path, monkeypa
 
 
 def test_config_errors_name_the_key(tmp_path):
-    from iuq.config import ConfigError
-
     bad = tmp_path / "c.yaml"
     bad.write_text("train:\n  lr: 0.1\n  max_stesp: 10\n")
     with pytest.raises(ConfigError, match=r"train\.max_stesp"):
@@ -183,6 +182,28 @@ def test_shipped_configs_validate():
     demo, base = load_config(ROOT / "configs" / "demo.yaml"), load_config(ROOT / "configs" / "demo_baseline.yaml")
     assert demo.iuq.inter and demo.iuq.equi and not base.iuq.inter and not base.iuq.equi
     assert demo.model == base.model and demo.data == base.data
+    nuclei, base = (
+        load_config(ROOT / "configs" / "nuclei24.yaml"),
+        load_config(ROOT / "configs" / "nuclei24_baseline.yaml"),
+    )
+    assert nuclei.iuq.inter and nuclei.iuq.equi and not base.iuq.inter and not base.iuq.equi
+    assert nuclei.model == base.model and nuclei.data == base.data and nuclei.train == base.train
+    assert base.model.num_queries >= 184 and base.model.backbone == "efficientnet_lite0"  # densest tile: 184
+
+
+def test_fixed_size_crops_and_their_range_check():
+    from iuq.engine.data import train_transform
+
+    cfg = load_config(
+        None, ["data.crop_p=1.0", "data.crop_min=0.5", "data.crop_max=0.5", "data.train_short_side=[256,256]"]
+    )
+    cfg.data.max_size = 256
+    image, target = torch.rand(3, 250, 250), {"masks": torch.ones(1, 250, 250, dtype=torch.bool)}
+    target |= {"labels": torch.zeros(1, dtype=torch.int64), "boxes": torch.tensor([[0.0, 0, 250, 250]])}
+    out, t = train_transform(cfg.data)(image, target)
+    assert out.shape == (3, 128, 128) and t["masks"].shape == (1, 128, 128)
+    with pytest.raises(ConfigError, match=r"data\.crop_min, data\.crop_max"):
+        load_config(None, ["data.crop_min=0.8", "data.crop_max=0.6"])
 
 
 def test_epoch_sampler_shards_are_disjoint_and_seeded():
