@@ -44,7 +44,7 @@ def draw_instances(
     scores: torch.Tensor | None = None,
     alpha: float = 0.4,
     min_side: int = 512,
-    max_labels: int = 25,
+    max_labels: int = 15,
 ) -> torch.Tensor:
     """image [3, H, W] float in [0, 1] or uint8; masks [N, H, W] bool -> overlay [3, sH, sW] uint8.
 
