@@ -40,19 +40,15 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-_installed = False
-
-
 def silence_third_party_noise() -> None:
-    """Install the filters (once per process)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
+    """Install the filters; calling it again installs nothing twice (and restores warning filters
+    that a `warnings.catch_warnings` block has since reset)."""
     for name, pattern in _NOISE:
-        logging.getLogger(name).addFilter(_DropMessages(pattern))
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DropMessages(pattern))
     for category, pattern in _NOISE_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
+        warnings.filterwarnings("ignore", message=pattern, category=category)  # replaces an equal entry
 
 
 def run_summary(cfg, train_size: int, val_size: int | None, device: str, world_size: int) -> str:

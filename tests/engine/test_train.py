@@ -71,7 +71,7 @@ def test_lr_factor_warmup_then_poly():
     assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
     assert lr_factor(5, 100, cfg) == pytest.approx((0.1 * 0.5 + 0.5) * 0.95)
     assert lr_factor(50, 100, cfg) == pytest.approx(0.5)
-    step = load_config(None, ["train.schedule=step", "train.step_milestones=[0.5,0.75]"]).train
+    step = load_config(None, ["train.schedule=step", "train.step_milestones=[0.5,0.75]", "train.warmup_steps=0"]).train
     assert [lr_factor(s, 100, step) for s in (49, 50, 75)] == pytest.approx([1.0, 0.1, 0.01])
 
 
