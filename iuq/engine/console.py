@@ -21,6 +21,8 @@ _NOISE = [
     # Lightning's hardware lines and an advertisement; the run prints its own device line.
     ("lightning.pytorch.utilities.rank_zero", r"^(GPU|TPU|HPU) available: "),
     ("lightning.pytorch.utilities.rank_zero", r"^💡 Tip: "),
+    # The run's own progress line already says the last step was reached.
+    ("lightning.pytorch.utilities.rank_zero", r"^`Trainer.fit` stopped: `max_(steps|epochs)=\d+` reached"),
 ]
 
 # (category, message pattern) of Python warnings raised inside libraries, not by the user's input.
@@ -49,6 +51,11 @@ def silence_third_party_noise() -> None:
             logger.addFilter(_DropMessages(pattern))
     for category, pattern in _NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)  # replaces an equal entry
+    # transformers draws a progress bar for every save and load of a few-MB model ("Writing model
+    # shards", "Loading weights"); the run reports those steps in its own lines.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def run_summary(cfg, train_size: int, val_size: int | None, device: str, world_size: int) -> str:
