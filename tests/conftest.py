@@ -22,6 +22,36 @@ def synth_dir(tmp_path_factory):
     return out
 
 
+def plain_transformers_max_diff(model_dir: Path, hf_model, work: Path) -> float:
+    """Largest |difference| of mask logits between `hf_model` and `model_dir` loaded by plain
+    transformers in a fresh interpreter that never imports iuq (it fails if iuq gets imported)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    training = hf_model.training
+    with torch.no_grad():
+        ours = hf_model.eval()(pixel_values=x).masks_queries_logits
+    hf_model.train(training)
+    torch.save(x, work / "x.pt")
+    torch.save(ours, work / "ours.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import Mask2FormerForUniversalSegmentation as M\n"
+        "m = M.from_pretrained(sys.argv[1]).eval()\n"
+        "with torch.no_grad():\n"
+        "    out = m(pixel_values=torch.load(sys.argv[2] + '/x.pt')).masks_queries_logits\n"
+        "assert 'iuq' not in sys.modules\n"
+        "print(float((out - torch.load(sys.argv[2] + '/ours.pt')).abs().max()))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(model_dir), str(work)], capture_output=True, text=True, check=True
+    )
+    return float(res.stdout.strip().splitlines()[-1])
+
+
 def write_tiny_coco(tmp_path: Path, annotations: list[dict], size=(20, 30), images=None) -> tuple[Path, Path]:
     """A one-image COCO dataset (image id 1, categories 1 and 2) with the given annotations."""
     h, w = size

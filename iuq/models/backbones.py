@@ -114,9 +114,10 @@ def load_efficientnet_lite(timm_model: nn.Module, name: str) -> list[str]:
     return sorted(set(weights) - set(target))
 
 
-def load_hf_backbone(encoder: nn.Module, checkpoint: str) -> None:
+def load_hf_backbone(encoder: nn.Module, checkpoint: str, config) -> None:
     """Copy the weights of HF backbone `checkpoint` into `encoder` (same architecture).
 
+    config: the checkpoint's backbone config (`hf_backbone_config`), which built `encoder`.
     Every tensor of the checkpoint's base model lands; a classification head is not a backbone's,
     and layers a backbone adds (Swin's per-stage output norms) start fresh, as in transformers.
     """
@@ -124,7 +125,6 @@ def load_hf_backbone(encoder: nn.Module, checkpoint: str) -> None:
 
     # AutoBackbone.from_pretrained asks the hub whether the id exists before looking at a local
     # folder, so it fails offline; the backbone class of the checkpoint's config loads folders too.
-    config = hf_backbone_config(checkpoint)
     backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(config)]
     with loading_report_replaced():
         source, info = from_hub(

@@ -169,7 +169,7 @@ def build_mask2former(cfg: Mask2FormerModelConfig):
         if cfg.backbone in EFFICIENTNET_LITE and cfg.backbone_weights == "imagenet":
             load_efficientnet_lite(encoder._backbone, cfg.backbone)
         elif cfg.backbone == "hf":
-            load_hf_backbone(encoder, cfg.backbone_checkpoint)
+            load_hf_backbone(encoder, cfg.backbone_checkpoint, backbone)
     if cfg.freeze_bn:
         freeze_batchnorm(backbone_module(model))
     # from_pretrained returns a model in eval mode; a model that is about to train must not keep

@@ -2,8 +2,6 @@
 frozen BatchNorm, train mode, and export to plain transformers."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from iuq.models.mask2former import (
     backbone_module,
     build_mask2former,
 )
-from tests.conftest import COCO_IMAGES
+from tests.conftest import COCO_IMAGES, plain_transformers_max_diff
 
 HEAD = {"conv_head.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var", "bn2.num_batches_tracked"}
 HEAD |= {"classifier.weight", "classifier.bias"}
@@ -171,28 +169,9 @@ def test_export_of_frozen_batchnorm_has_plain_layers_with_the_same_values():
 def test_exported_pretrained_model_loads_in_plain_transformers(tmp_path, lite0):
     from iuq.engine.inference import save_model_dir
 
-    adapter = Mask2FormerAdapter(lite0).eval()
-    save_model_dir(adapter, tmp_path / "model", [7, 9], ["a", "b"], 256, 256)
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours = lite0(pixel_values=x).masks_queries_logits
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(ours, tmp_path / "ours.pt")
-    script = (
-        "import json, sys, torch\n"
-        "from transformers import Mask2FormerForUniversalSegmentation as M\n"
-        "d = sys.argv[1]\n"
-        "m = M.from_pretrained(d + '/model').eval()\n"
-        "with torch.no_grad():\n"
-        "    out = m(pixel_values=torch.load(d + '/x.pt')).masks_queries_logits\n"
-        "assert 'iuq' not in sys.modules\n"
-        "p = json.load(open(d + '/model/preprocessor_config.json'))\n"
-        "print(json.dumps([p['image_mean'], p['image_std']]))\n"
-        "print(float((out - torch.load(d + '/ours.pt')).abs().max()))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
-    lines = res.stdout.strip().splitlines()
-    assert float(lines[-1]) == 0.0
-    mean, std = json.loads(lines[-2])
+    save_model_dir(Mask2FormerAdapter(lite0).eval(), tmp_path / "model", [7, 9], ["a", "b"], 256, 256)
+    assert plain_transformers_max_diff(tmp_path / "model", lite0, tmp_path) == 0.0
+    processor = json.loads((tmp_path / "model" / "preprocessor_config.json").read_text())
     cfg = Mask2FormerModelConfig()
-    assert mean == pytest.approx(cfg.image_mean) and std == pytest.approx(cfg.image_std)
+    assert processor["image_mean"] == pytest.approx(cfg.image_mean)
+    assert processor["image_std"] == pytest.approx(cfg.image_std)

@@ -1,10 +1,8 @@
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from iuq.models.mask2former import Mask2FormerAdapter, Mask2FormerModelConfig, build_mask2former
+from tests.conftest import plain_transformers_max_diff
 
 
 def _tiny(backbone="resnet", seed=0):
@@ -73,24 +71,7 @@ def test_swin_backbone_builds_and_runs():
 def test_save_pretrained_loads_in_plain_transformers_with_identical_outputs(tmp_path):
     model = _tiny().eval()
     model.model.save_pretrained(tmp_path / "model")
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours = model.model(pixel_values=x).masks_queries_logits
-    torch.save(x, tmp_path / "x.pt")
-    torch.save(ours, tmp_path / "ours.pt")
-    # A fresh interpreter that never imports iuq.
-    script = (
-        "import sys, torch\n"
-        "from transformers import Mask2FormerForUniversalSegmentation as M\n"
-        "d = sys.argv[1]\n"
-        "m = M.from_pretrained(d + '/model').eval()\n"
-        "with torch.no_grad():\n"
-        "    out = m(pixel_values=torch.load(d + '/x.pt')).masks_queries_logits\n"
-        "assert 'iuq' not in sys.modules\n"
-        "print(float((out - torch.load(d + '/ours.pt')).abs().max()))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
-    assert float(res.stdout.strip().splitlines()[-1]) == 0.0
+    assert plain_transformers_max_diff(tmp_path / "model", model.model, tmp_path) == 0.0
 
 
 def test_instance_predictions_on_a_constructed_output():
