@@ -86,6 +86,9 @@ class TrainConfig:
     deterministic: request deterministic kernels (CPU runs are deterministic either way).
     log_every_steps: write every loss term to logs/ every this many steps.
     print_every_steps: print a progress line (loss, s/step, time left) every this many steps.
+    log_grad_share_every: every this many steps (0: never) log each loss term's share of the
+        gradient norm at the pixel embeddings and at the queries, and L_inter split by same-class
+        and other-class negatives (docs/evidence.md reads these).
     threads: torch CPU threads (None: torch's default).
     """
 
@@ -114,6 +117,7 @@ class TrainConfig:
     eval_every_epochs: int = 1
     log_every_steps: int = 10
     print_every_steps: int = 50
+    log_grad_share_every: int = 0
     threads: int | None = None
 
     def __post_init__(self) -> None:

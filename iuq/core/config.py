@@ -24,6 +24,21 @@ class IUQConfig:
     equi_variant: "full" (Eq. 8), "feature" (Eq. 6 only), "augmentation" (no term) (Table 4d).
     flip_p: probability of a horizontal flip in G.
     crop_min, crop_max: relative side range of the random crop in G (0.6-1.0 in the paper).
+
+    Readings of points the paper leaves open (README "Training", docs/evidence.md):
+    g_augment: draw one g ~ G per training image and train on g(I) in place of I, before anything
+        else: G as ordinary single-view augmentation. With IUQ off this is the paper's baseline (its
+        Table 4d "w/ aug" row equals its Table 3 baseline); with IUQ on, the g-views are drawn on top.
+    g_view_base_loss: the g-views also get the base model's loss. The original views keep their
+        full weight either way (each view's loss is normalised over its own masks).
+    crop_mode: how a crop of G returns to the input size: "stretch", "keep_aspect", "no_resize"
+        (see iuq/core/transforms.py).
+    inter_scale: "pair_mean" (L_inter is the mean over pairs, weight inter_weight) or "mask_weight"
+        (Eq. 5 read literally: L_inter is part of L_mask, so it also carries the base model's mask-loss
+        weight, 5 for Mask2Former).
+    inter_batch_grad: the batch's own negatives carry gradient into the other images' pixel
+        embeddings (Eq. 5 has no stop-gradient); memory entries are constants either way.
+    inter_views: whose matched queries enter L_inter: "all" views or the "original" views only.
     """
 
     inter: bool = True
@@ -43,6 +58,12 @@ class IUQConfig:
     flip_p: float = 0.5
     crop_min: float = 0.6
     crop_max: float = 1.0
+    g_augment: bool = False
+    g_view_base_loss: bool = True
+    crop_mode: str = "stretch"
+    inter_scale: str = "pair_mean"
+    inter_batch_grad: bool = False
+    inter_views: str = "all"
 
     def __post_init__(self) -> None:
         choices = {
@@ -50,6 +71,9 @@ class IUQConfig:
             "inter_mode": ("memory", "minibatch"),
             "sampling": ("instance_balanced", "sparse", "dense"),
             "equi_variant": ("full", "feature", "augmentation"),
+            "crop_mode": ("stretch", "keep_aspect", "no_resize"),
+            "inter_scale": ("pair_mean", "mask_weight"),
+            "inter_views": ("all", "original"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

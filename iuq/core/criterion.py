@@ -20,7 +20,12 @@ from torch import nn
 
 from iuq.core.config import IUQConfig
 from iuq.core.equivariance import equivariance_loss
-from iuq.core.inter_scene import inter_scene_loss, inter_scene_negatives
+from iuq.core.inter_scene import (
+    inter_scene_diagnostics,
+    inter_scene_loss,
+    inter_scene_loss_with_batch_grad,
+    inter_scene_negatives,
+)
 from iuq.core.memory import PixelMemory
 from iuq.core.sampling import PixelSamples, sample_pixels
 from iuq.core.transforms import BatchTransform
@@ -33,17 +38,23 @@ class IUQCriterion(nn.Module):
     pixel_dim: channels D of the pixel embeddings stored in memory.
     mask_loss: the base model's mask loss (logits [Q, P], targets [Q, P], num_masks) -> scalar, reused
         as L_equi.
+    mask_loss_weight: the base model's weight of its mask loss; L_inter carries it under
+        `inter_scale: mask_weight` (Eq. 5 read as part of L_mask).
     """
 
-    def __init__(self, cfg: IUQConfig, decoder: nn.Module, pixel_dim: int, mask_loss: Callable):
+    def __init__(
+        self, cfg: IUQConfig, decoder: nn.Module, pixel_dim: int, mask_loss: Callable, mask_loss_weight: float = 1.0
+    ):
         super().__init__()
         self.cfg, self.decoder, self.mask_loss = cfg, decoder, mask_loss
+        self.mask_loss_weight = mask_loss_weight
         use_memory = cfg.inter and cfg.inter_mode == "memory"
         self.memory = PixelMemory(cfg.memory_capacity, pixel_dim) if use_memory else None
 
     @property
     def weights(self) -> dict[str, float]:
-        return {"loss_inter": self.cfg.inter_weight, "loss_equi": self.cfg.equi_weight}
+        inter = self.cfg.inter_weight * (self.mask_loss_weight if self.cfg.inter_scale == "mask_weight" else 1.0)
+        return {"loss_inter": inter, "loss_equi": self.cfg.equi_weight}
 
     def sample(
         self,
@@ -51,10 +62,45 @@ class IUQCriterion(nn.Module):
         gt_masks: list[torch.Tensor],
         image_ids: torch.Tensor,
         generator: torch.Generator | None = None,
+        gt_labels: list[torch.Tensor] | None = None,
     ) -> PixelSamples:
-        """Instance pixels of a batch, by the configured strategy."""
+        """Instance pixels of a batch, by the configured strategy (kept connected to the embeddings
+        under `inter_batch_grad`; the memory detaches what it stores)."""
         k = self.cfg.samples_per_image if self.cfg.sampling == "sparse" else self.cfg.samples_per_instance
-        return sample_pixels(pixel_embeddings, gt_masks, image_ids, self.cfg.sampling, k, generator)
+        detach = not (self.cfg.inter and self.cfg.inter_batch_grad)
+        return sample_pixels(
+            pixel_embeddings, gt_masks, image_ids, self.cfg.sampling, k, generator, gt_labels, detach=detach
+        )
+
+    def inter_queries(self, queries: list[torch.Tensor], image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries that enter L_inter ([N, d]) and their image ids ([N]), by `inter_views`."""
+        b = image_ids.shape[0]
+        if self.cfg.inter_views == "original":
+            queries = queries[:b]
+        q_ids = [image_ids[i % b].expand(q.shape[0]) for i, q in enumerate(queries)]
+        return torch.cat(queries), torch.cat(q_ids)
+
+    def diagnose_inter(
+        self, queries: list[torch.Tensor], query_labels: list[torch.Tensor], image_ids: torch.Tensor, samples
+    ) -> dict[str, torch.Tensor]:
+        """L_inter split by same-class and other-class negatives, and how many pairs fire (logs only)."""
+        image_ids = torch.as_tensor(image_ids, dtype=torch.int64, device=samples.embeddings.device)
+        q, q_ids = self.inter_queries([x.detach() for x in queries], image_ids)
+        b = image_ids.shape[0]
+        labels = query_labels[:b] if self.cfg.inter_views == "original" else query_labels
+        negatives = inter_scene_negatives(samples, self.memory, self.cfg.inter_mode)
+        c = self.cfg
+        return inter_scene_diagnostics(
+            q,
+            q_ids,
+            torch.cat(labels).to(q.device),
+            negatives,
+            self.decoder,
+            loss=c.inter_loss,
+            alpha=c.focal_alpha,
+            gamma=c.focal_gamma,
+            chunk_size=c.chunk_size,
+        )
 
     def forward(
         self,
@@ -67,6 +113,8 @@ class IUQCriterion(nn.Module):
         query_xy: list[torch.Tensor] | None = None,
         num_masks: float | None = None,
         generator: torch.Generator | None = None,
+        gt_labels: list[torch.Tensor] | None = None,
+        valid_g: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], PixelSamples]:
         """L_inter and L_equi of one batch (unweighted) and the samples to enqueue afterwards.
 
@@ -81,6 +129,8 @@ class IUQCriterion(nn.Module):
             g: the transforms of the g-views (None when there are none).
             query_xy: V*B tensors [Q_i, 2 or 3] for decoders with coordinates.
             num_masks: normaliser of L_equi (the base model's, e.g. all-reduced mask count).
+            gt_labels: B tensors [K_i], classes of `gt_masks` (kept with the samples, for diagnostics).
+            valid_g: [B, h, w] bool, non-padding cells of the g-views' embeddings ("feature" variant).
         """
         b = len(gt_masks)
         views = pixel_embeddings.shape[0] // max(b, 1)
@@ -91,27 +141,25 @@ class IUQCriterion(nn.Module):
             )
         image_ids = torch.as_tensor(image_ids, dtype=torch.int64, device=pixel_embeddings.device)
         # Batch negatives come from the original views; the g-views show the same instances again.
-        samples = self.sample(pixel_embeddings[:b], gt_masks, image_ids, generator)
+        samples = self.sample(pixel_embeddings[:b], gt_masks, image_ids, generator, gt_labels)
         zero = pixel_embeddings.sum() * 0 + sum(q.sum() * 0 for q in queries)
         terms = {}
-        if self.cfg.inter:
-            q_all = torch.cat(queries)  # [sum Q_i, d]
-            q_ids = torch.cat([image_ids[i % b].expand(q.shape[0]) for i, q in enumerate(queries)])
-            negatives = inter_scene_negatives(samples, self.memory, self.cfg.inter_mode)
-            q_xy = torch.cat(query_xy) if query_xy is not None else None
-            terms["loss_inter"] = zero + inter_scene_loss(
-                q_all,
-                q_ids,
-                negatives.embeddings,
-                negatives.image_ids,
-                self.decoder,
-                negatives.xy,
-                q_xy,
-                loss=self.cfg.inter_loss,
-                alpha=self.cfg.focal_alpha,
-                gamma=self.cfg.focal_gamma,
-                chunk_size=self.cfg.chunk_size,
-            )
+        c = self.cfg
+        if c.inter:
+            q_all, q_ids = self.inter_queries(queries, image_ids)  # [N, d], [N]
+            q_xy = None
+            if query_xy is not None:
+                q_xy = torch.cat(query_xy[:b] if c.inter_views == "original" else query_xy)
+            focal = {"loss": c.inter_loss, "alpha": c.focal_alpha, "gamma": c.focal_gamma, "chunk_size": c.chunk_size}
+            if c.inter_batch_grad:
+                memory = self.memory.contents() if (c.inter_mode == "memory" and self.memory is not None) else None
+                loss = inter_scene_loss_with_batch_grad(q_all, q_ids, samples, memory, self.decoder, q_xy, **focal)
+            else:
+                negatives = inter_scene_negatives(samples, self.memory, c.inter_mode)
+                loss = inter_scene_loss(
+                    q_all, q_ids, negatives.embeddings, negatives.image_ids, self.decoder, negatives.xy, q_xy, **focal
+                )
+            terms["loss_inter"] = zero + loss
         if self.cfg.equi:
             if views != 2 or g is None:
                 raise ValueError("equivariance needs the g-views: pass V=2 views and their transform g")
@@ -125,9 +173,14 @@ class IUQCriterion(nn.Module):
                 variant=self.cfg.equi_variant,
                 pixel_embeddings_g=pixel_embeddings[b:],
                 query_xy_g=query_xy[b:] if query_xy is not None else None,
+                valid_g=valid_g,
                 num_masks=num_masks,
             )
-        return terms, samples
+        if not c.inter_batch_grad:
+            return terms, samples
+        # The memory stores constants; only the loss above needed the graph.
+        detached = PixelSamples(samples.embeddings.detach(), samples.xy, samples.image_ids, samples.labels)
+        return terms, detached
 
     def update_memory(self, samples: PixelSamples) -> None:
         """Enqueue this batch's samples (gathered from all ranks); call after the loss."""

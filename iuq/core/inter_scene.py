@@ -11,9 +11,10 @@ the same pass, computes each chunk's gradient with respect to the queries; only 
 ([Q, d]) is kept for backward. Peak memory is one chunk's, and no forward is ever recomputed, so
 the result equals the naive computation (values and gradients) at no extra compute.
 
-Pixels are constants (detached samples and memory entries); gradients flow to the queries, which
-for a dynamic decoder are the per-query filter parameters. The decoder must have no parameters of
-its own (ours have none).
+Pixels are constants here (detached samples and memory entries); gradients flow to the queries,
+which for a dynamic decoder are the per-query filter parameters. The decoder must have no parameters
+of its own (ours have none). `inter_scene_loss_with_batch_grad` is the reading in which the batch's
+own negatives also carry gradient into their pixel embeddings (Eq. 5 has no stop-gradient).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def inter_scene_loss(
     alpha: float = 0.1,
     gamma: float = 2.5,
     chunk_size: int = 16384,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean per-pair loss toward 0 over (query, pixel) pairs of different images.
+    """Mean (or, with reduction="sum", sum of the) per-pair loss toward 0 over (query, pixel) pairs
+    of different images.
 
     Args:
         queries: [Q, d] matched queries (or per-query decoder parameters), with grad.
@@ -72,6 +75,8 @@ def inter_scene_loss(
         raise ValueError(f"unknown inter-scene loss {loss!r}; choose one of 'focal', 'bce', 'l1', 'l2'")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return _ChunkedInterScene.apply(
         queries,
         query_image_ids,
@@ -84,7 +89,111 @@ def inter_scene_loss(
         alpha,
         gamma,
         chunk_size,
+        reduction == "mean",
     )
+
+
+def pair_count(query_image_ids: torch.Tensor, pixel_image_ids: torch.Tensor) -> torch.Tensor:
+    """Number of (query, pixel) pairs from different images, without forming the [Q, P] matrix:
+    Q * P minus, per image id, (its queries) x (its pixels)."""
+    ids, inverse = torch.unique(torch.cat([query_image_ids, pixel_image_ids]), return_inverse=True)
+    q = torch.bincount(inverse[: query_image_ids.shape[0]], minlength=ids.shape[0])
+    p = torch.bincount(inverse[query_image_ids.shape[0] :], minlength=ids.shape[0])
+    return query_image_ids.shape[0] * pixel_image_ids.shape[0] - (q * p).sum()
+
+
+def inter_scene_loss_with_batch_grad(
+    queries: torch.Tensor,
+    query_image_ids: torch.Tensor,
+    batch: PixelSamples,
+    memory: PixelSamples | None,
+    decoder,
+    query_xy: torch.Tensor | None = None,
+    loss: str = "focal",
+    alpha: float = 0.1,
+    gamma: float = 2.5,
+    chunk_size: int = 16384,
+) -> torch.Tensor:
+    """L_inter (mean over pairs of different images) where the batch's negatives keep their graph,
+    so the term also pushes the other images' pixel embeddings; memory entries stay constants.
+
+    The batch part is small (a few thousand pixels) and runs under plain autograd; the memory part
+    is the chunked sum. Both are divided by the total number of pairs, so the value equals
+    `inter_scene_loss` on the concatenated negatives.
+    """
+    total = inter_scene_loss_naive(
+        queries,
+        query_image_ids,
+        batch.embeddings,
+        batch.image_ids,
+        decoder,
+        batch.xy,
+        query_xy,
+        loss,
+        alpha,
+        gamma,
+        reduction="sum",
+        pixel_grad=True,
+    )
+    count = pair_count(query_image_ids, batch.image_ids)
+    if memory is not None and len(memory) > 0:
+        total = total + inter_scene_loss(
+            queries,
+            query_image_ids,
+            memory.embeddings.to(queries.dtype),
+            memory.image_ids,
+            decoder,
+            memory.xy,
+            query_xy,
+            loss,
+            alpha,
+            gamma,
+            chunk_size,
+            reduction="sum",
+        )
+        count = count + pair_count(query_image_ids, memory.image_ids)
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+@torch.no_grad()
+def inter_scene_diagnostics(
+    queries: torch.Tensor,
+    query_image_ids: torch.Tensor,
+    query_labels: torch.Tensor,
+    negatives: PixelSamples,
+    decoder,
+    query_xy: torch.Tensor | None = None,
+    loss: str = "focal",
+    alpha: float = 0.1,
+    gamma: float = 2.5,
+    chunk_size: int = 16384,
+) -> dict[str, torch.Tensor]:
+    """L_inter split by negatives of the query's own class ("same") and of other classes ("other"),
+    with the fraction of pairs that fire (sigmoid > 0.5) and the share of same-class pairs.
+    Negatives of unknown class (-1) are left out of both."""
+    sums = torch.zeros(6, dtype=torch.float64, device=queries.device)  # loss, fired, count x (same, other)
+    for start in range(0, len(negatives), chunk_size):
+        stop = start + chunk_size
+        xy = negatives.xy[start:stop]
+        logits = decoder(queries, negatives.embeddings[start:stop].to(queries.dtype), xy, query_xy)  # [Q, p]
+        per_pair = elementwise_toward_zero(logits, loss, alpha, gamma)
+        valid = query_image_ids[:, None] != negatives.image_ids[None, start:stop]
+        known = negatives.labels[None, start:stop] >= 0
+        same = valid & known & (query_labels[:, None] == negatives.labels[None, start:stop])
+        other = valid & known & ~same
+        fired = logits > 0
+        for k, m in enumerate((same, other)):
+            sums[k] += per_pair[m].double().sum()
+            sums[2 + k] += fired[m].double().sum()
+            sums[4 + k] += m.double().sum()
+    n_same, n_other = sums[4].clamp(min=1), sums[5].clamp(min=1)
+    return {
+        "inter_same_class": sums[0] / n_same,
+        "inter_other_class": sums[1] / n_other,
+        "inter_fire_same_class": sums[2] / n_same,
+        "inter_fire_other_class": sums[3] / n_other,
+        "inter_same_class_pairs": sums[4] / (sums[4] + sums[5]).clamp(min=1),
+    }
 
 
 def inter_scene_loss_naive(
@@ -98,17 +207,23 @@ def inter_scene_loss_naive(
     loss="focal",
     alpha=0.1,
     gamma=2.5,
+    reduction="mean",
+    pixel_grad=False,
 ) -> torch.Tensor:
-    """Reference: the full [Q, P] computation under plain autograd (tests and benchmarks)."""
-    logits = decoder(queries, pixels.detach(), pixel_xy, query_xy)  # [Q, P]
+    """The full [Q, P] computation under plain autograd: the reference of tests and benchmarks,
+    and the batch part of `inter_scene_loss_with_batch_grad` (pixel_grad=True)."""
+    logits = decoder(queries, pixels if pixel_grad else pixels.detach(), pixel_xy, query_xy)  # [Q, P]
     valid = query_image_ids[:, None] != pixel_image_ids[None, :]  # [Q, P]
     per_pair = elementwise_toward_zero(logits, loss, alpha, gamma)
-    return torch.where(valid, per_pair, 0).sum() / valid.sum().clamp(min=1)
+    total = torch.where(valid, per_pair, 0).sum()
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
 
 
 class _ChunkedInterScene(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, queries, query_ids, pixels, pixel_ids, pixel_xy, query_xy, decoder, loss, alpha, gamma, chunk):
+    def forward(
+        ctx, queries, query_ids, pixels, pixel_ids, pixel_xy, query_xy, decoder, loss, alpha, gamma, chunk, mean
+    ):
         needs_grad = ctx.needs_input_grad[0]
         acc = torch.promote_types(queries.dtype, torch.float32)  # accumulate fp16/bf16 in fp32
         total = torch.zeros((), dtype=acc, device=queries.device)
@@ -126,7 +241,7 @@ class _ChunkedInterScene(torch.autograd.Function):
                 grad += torch.autograd.grad(part, q)[0]
             total += part.detach().to(acc)
             count += valid.sum()
-        n = count.clamp(min=1).to(acc)
+        n = count.clamp(min=1).to(acc) if mean else torch.ones((), dtype=acc, device=queries.device)
         ctx.query_dtype = queries.dtype
         if needs_grad:
             ctx.save_for_backward(grad / n)
@@ -135,4 +250,4 @@ class _ChunkedInterScene(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad_output * grad).to(ctx.query_dtype), *([None] * 10)
+        return (grad_output * grad).to(ctx.query_dtype), *([None] * 11)

@@ -25,33 +25,40 @@ class PixelMemory(nn.Module):
         self.register_buffer("embeddings", torch.zeros(capacity, dim, dtype=dtype))
         self.register_buffer("xy", torch.zeros(capacity, 2))
         self.register_buffer("image_ids", torch.full((capacity,), -1, dtype=torch.int64))
+        self.register_buffer("labels", torch.full((capacity,), -1, dtype=torch.int64))  # diagnostics only
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))  # next slot to write
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))  # valid entries
 
     def __len__(self) -> int:
         return int(self.count)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before labels were kept: their entries' classes are unknown (-1).
+        state_dict.setdefault(prefix + "labels", torch.full((self.capacity,), -1, dtype=torch.int64))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def contents(self) -> PixelSamples:
         """The valid entries (in slot order; the loss does not depend on order)."""
         n = len(self)
-        return PixelSamples(self.embeddings[:n], self.xy[:n], self.image_ids[:n])
+        return PixelSamples(self.embeddings[:n], self.xy[:n], self.image_ids[:n], self.labels[:n])
 
     @torch.no_grad()
     def enqueue(self, samples: PixelSamples) -> None:
         """Append samples (oldest entries are overwritten once full); gathers across ranks."""
-        emb, xy, ids = samples.embeddings.detach(), samples.xy.detach(), samples.image_ids
+        emb, xy, ids, labels = samples.embeddings.detach(), samples.xy.detach(), samples.image_ids, samples.labels
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            emb, xy, ids = _all_gather_rows(emb, xy, ids)
+            emb, xy, ids, labels = _all_gather_rows(emb, xy, ids, labels)
         n = emb.shape[0]
         if n == 0:
             return
         if n > self.capacity:  # only the newest C survive
-            emb, xy, ids = emb[-self.capacity :], xy[-self.capacity :], ids[-self.capacity :]
+            emb, xy, ids, labels = (t[-self.capacity :] for t in (emb, xy, ids, labels))
             n = self.capacity
         slots = (self.ptr + torch.arange(n, device=self.ptr.device)) % self.capacity  # [n]
         self.embeddings[slots] = emb.to(self.embeddings)
         self.xy[slots] = xy.to(self.xy)
         self.image_ids[slots] = ids.to(self.image_ids)
+        self.labels[slots] = labels.to(self.labels)
         self.ptr.copy_((self.ptr + n) % self.capacity)
         self.count.copy_(torch.clamp(self.count + n, max=self.capacity))
 

@@ -17,18 +17,25 @@ import torch.nn.functional as F
 @dataclass
 class PixelSamples:
     """N sampled pixels: `embeddings` [N, D], `xy` [N, 2] normalised (x, y) in [0, 1] of the
-    embedding grid (pixel centres), `image_ids` [N] int64 source image ids."""
+    embedding grid (pixel centres), `image_ids` [N] int64 source image ids, `labels` [N] int64 class
+    of each pixel's instance (-1: unknown; only diagnostics read it)."""
 
     embeddings: torch.Tensor
     xy: torch.Tensor
     image_ids: torch.Tensor
+    labels: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.labels is None:
+            self.labels = torch.full_like(self.image_ids, -1)
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
     @staticmethod
     def cat(parts: list[PixelSamples]) -> PixelSamples:
-        return PixelSamples(*(torch.cat([getattr(p, k) for p in parts]) for k in ("embeddings", "xy", "image_ids")))
+        keys = ("embeddings", "xy", "image_ids", "labels")
+        return PixelSamples(*(torch.cat([getattr(p, k) for p in parts]) for k in keys))
 
 
 def downsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -53,6 +60,8 @@ def sample_pixels(
     strategy: str = "instance_balanced",
     k: int = 50,
     generator: torch.Generator | None = None,
+    labels: list[torch.Tensor] | None = None,
+    detach: bool = True,
 ) -> PixelSamples:
     """Sample instance pixels of a batch.
 
@@ -63,15 +72,21 @@ def sample_pixels(
         strategy: "instance_balanced" (k per instance, all if fewer), "sparse" (k per image over the
             union of its instances, all if fewer) or "dense" (every instance pixel).
         generator: torch.Generator on the embeddings' device, for reproducible draws.
+        labels: B tensors [K_i], the class of each instance, stored with its pixels.
+        detach: False keeps the samples connected to `embeddings` (L_inter with batch gradient).
     """
     b, d, h, w = embeddings.shape
     device = embeddings.device
     image_ids = torch.as_tensor(image_ids, dtype=torch.int64, device=device)
-    emb = embeddings.detach().flatten(2).transpose(1, 2).reshape(b * h * w, d)  # [B*h*w, D]
+    emb = (embeddings.detach() if detach else embeddings).flatten(2).transpose(1, 2).reshape(b * h * w, d)  # [B*h*w, D]
     small = [downsample_masks(m.to(device), (h, w)) for m in masks]  # B x [K_i, h, w]
     counts = torch.tensor([m.shape[0] for m in small], device=device)
     if int(counts.sum()) == 0:
         return PixelSamples(emb[:0], emb.new_zeros((0, 2)), image_ids[:0])
+    if labels is None:
+        inst_labels = torch.full((int(counts.sum()),), -1, dtype=torch.int64, device=device)
+    else:
+        inst_labels = torch.cat([torch.as_tensor(lab, dtype=torch.int64).to(device) for lab in labels])  # [K]
     inst_masks = torch.cat(small).flatten(1)  # [K, h*w]
     inst_image = torch.repeat_interleave(torch.arange(b, device=device), counts)  # [K]
     inst, pix = inst_masks.nonzero(as_tuple=True)  # candidates, grouped by instance
@@ -96,8 +111,14 @@ def sample_pixels(
         rank = torch.arange(order.shape[0], device=device) - starts[group_sorted]
         keep = order[rank < k]
         pix = pix[keep]
-        img = inst_image[inst[keep]] if inst is not None else group[keep]
+        inst = inst[keep] if inst is not None else None
+        img = inst_image[inst] if inst is not None else group[keep]
     else:
         img = inst_image[inst]
     rows = img * (h * w) + pix
-    return PixelSamples(emb[rows], grid_xy(h, w, device)[pix], image_ids[img])
+    if inst is None:  # sparse: pixels of the union; look up the instance of each kept pixel
+        owner = torch.full((b * h * w,), -1, dtype=torch.int64, device=device)
+        all_inst, all_pix = inst_masks.nonzero(as_tuple=True)
+        owner[inst_image[all_inst] * (h * w) + all_pix] = all_inst
+        inst = owner[rows]
+    return PixelSamples(emb[rows], grid_xy(h, w, device)[pix], image_ids[img], inst_labels[inst])

@@ -2,13 +2,22 @@
 
 A transform of a batch is, per image and per axis, an affine map from normalised *output*
 coordinates u to normalised *source* coordinates x:  x = scale * u + offset  (a flip has a
-negative scale). Crops are resized back to the input size, so g(I) has the shape of I and both
-views batch together. Because the map is in normalised coordinates (pixel edges at 0 and 1, pixel
+negative scale). Because the map is in normalised coordinates (pixel edges at 0 and 1, pixel
 centres at (i + 0.5) / n), one transform applies alike to images, masks, feature maps at any
 stride, points and boxes.
 
+The paper does not say how a crop returns to the network's input size; three readings
+(`iuq.crop_mode`):
+- "stretch": each side is drawn on its own and resized back to the valid region (zoom and
+  aspect change);
+- "keep_aspect": one relative side for both axes, resized back (zoom only);
+- "no_resize": the crop stays at the original scale in the top-left corner and the rest is
+  padding. Offsets and sides are multiples of the embedding stride, so g(f(I)) is an exact crop of
+  f(I) (integer shifts, no resampling).
+
 Padded batches: `valid` gives the fraction of the padded canvas covered by each image; crops are
-drawn inside it and the output fills the same region, so padding stays padding.
+drawn inside it, and `extent` is the region of the output that holds content: everything beyond it
+is padding (zero), whatever lies at the corresponding source positions.
 """
 
 from __future__ import annotations
@@ -18,51 +27,76 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+CROP_MODES = ("stretch", "keep_aspect", "no_resize")
+
 
 @dataclass
 class BatchTransform:
-    """scale, offset: [B, 2] (x, y) with source = scale * output + offset, normalised coordinates."""
+    """scale, offset: [B, 2] (x, y) with source = scale * output + offset, normalised coordinates.
+    extent: [B, 2] (x, y) fraction of the output canvas that holds content (None: all of it)."""
 
     scale: torch.Tensor
     offset: torch.Tensor
+    extent: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.scale.shape[0]
 
     def to(self, device) -> BatchTransform:
-        return BatchTransform(self.scale.to(device), self.offset.to(device))
+        extent = self.extent.to(device) if self.extent is not None else None
+        return BatchTransform(self.scale.to(device), self.offset.to(device), extent)
 
     def then(self, other: BatchTransform) -> BatchTransform:
         """Composition: apply self, then `other` (other's output -> self's output -> source)."""
-        return BatchTransform(self.scale * other.scale, self.scale * other.offset + self.offset)
+        extent = other.extent if other.extent is not None else self.extent
+        return BatchTransform(self.scale * other.scale, self.scale * other.offset + self.offset, extent)
 
-    def is_exact(self, i: int) -> bool:
-        """True if image i is only flipped (or untouched) over the full canvas: no resampling needed."""
-        s, o = self.scale[i], self.offset[i]
-        return bool(((s == 1) & (o == 0) | (s == -1) & (o == 1)).all())
+    def _source_indices(self, i: int, n: int, axis: int) -> torch.Tensor | None:
+        """Integer source index of each of the n output cells along `axis`, or None when the map
+        is not an integer shift (or flip) at this resolution."""
+        s, o = float(self.scale[i, axis]), float(self.offset[i, axis])
+        shift = o * n
+        if abs(abs(s) - 1) > 1e-6 or abs(shift - round(shift)) > 1e-4:
+            return None
+        # source index j of output i: (j + 0.5) / n = s * (i + 0.5) / n + o
+        return round(s) * torch.arange(n) + round(shift) + (round(s) - 1) // 2
+
+    def _extent_mask(self, i: int, h: int, w: int, device) -> torch.Tensor | None:
+        """[h, w] bool: output cells whose centre lies inside the extent (None: no extent)."""
+        if self.extent is None:
+            return None
+        ex, ey = float(self.extent[i, 0]), float(self.extent[i, 1])
+        xs = (torch.arange(w, device=device) + 0.5) / w < ex + 1e-6
+        ys = (torch.arange(h, device=device) + 0.5) / h < ey + 1e-6
+        return ys[:, None] & xs[None, :]
 
     def apply(self, x: torch.Tensor, mode: str = "bilinear", index: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C, H, W] (images, feature maps, or masks as float) -> g(x) of the same shape.
 
-        Row n uses the transform of image `index[n]` (default n). Pure flips are exact index
-        reversals; crops are bilinear (or nearest) samples at pixel centres.
+        Row n uses the transform of image `index[n]` (default n). Integer shifts and flips at x's
+        resolution are exact gathers; other crops are bilinear (or nearest) samples at pixel centres.
+        Output cells outside the extent, or whose source lies off the canvas, are zero.
         """
         index = torch.arange(x.shape[0], device=x.device) if index is None else index
+        h, w = x.shape[-2:]
         out = []
         for n in range(x.shape[0]):
             i = int(index[n])
-            if self.is_exact(i):
-                dims = [d for d, axis in ((-1, 0), (-2, 1)) if self.scale[i, axis] < 0]
-                out.append(x[n].flip(dims) if dims else x[n])
-                continue
-            s, o = self.scale[i].to(x.dtype), self.offset[i].to(x.dtype)
-            # affine_grid works in [-1, 1] (align_corners=False: -1 and 1 are the outer pixel edges):
-            # src_n = 2 * (s * (out_n + 1) / 2 + o) - 1 = s * out_n + (s + 2 * o - 1).
-            theta = x.new_zeros((1, 2, 3))
-            theta[0, 0, 0], theta[0, 1, 1] = s[0], s[1]
-            theta[0, :, 2] = s + 2 * o - 1
-            grid = F.affine_grid(theta, [1, *x.shape[1:]], align_corners=False)
-            out.append(F.grid_sample(x[n : n + 1], grid, mode=mode, padding_mode="zeros", align_corners=False)[0])
+            jx, jy = self._source_indices(i, w, 0), self._source_indices(i, h, 1)
+            if jx is not None and jy is not None:
+                inside = ((jy >= 0) & (jy < h))[:, None] & ((jx >= 0) & (jx < w))[None, :]  # [h, w]
+                y = x[n][:, jy.clamp(0, h - 1)][:, :, jx.clamp(0, w - 1)] * inside.to(x.device, x.dtype)
+            else:
+                s, o = self.scale[i].to(x.dtype), self.offset[i].to(x.dtype)
+                # affine_grid works in [-1, 1] (align_corners=False: -1 and 1 are the outer pixel
+                # edges): src_n = 2 * (s * (out_n + 1) / 2 + o) - 1 = s * out_n + (s + 2 * o - 1).
+                theta = x.new_zeros((1, 2, 3))
+                theta[0, 0, 0], theta[0, 1, 1] = s[0], s[1]
+                theta[0, :, 2] = s + 2 * o - 1
+                grid = F.affine_grid(theta, [1, *x.shape[1:]], align_corners=False)
+                y = F.grid_sample(x[n : n + 1], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+            keep = self._extent_mask(i, h, w, x.device)
+            out.append(y if keep is None else y * keep.to(y.dtype))
         return torch.stack(out) if out else x
 
     def apply_masks(self, masks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -76,12 +110,14 @@ class BatchTransform:
         return (xy - self.offset[index]) / self.scale[index]
 
     def apply_boxes(self, boxes: torch.Tensor, index: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """boxes [N, 4] xyxy in pixels of an (H, W) canvas -> transformed, clipped to the canvas."""
+        """boxes [N, 4] xyxy in pixels of an (H, W) canvas -> transformed, clipped to the extent."""
         h, w = size
         norm = boxes.new_tensor([w, h, w, h])
         p1 = self.apply_points(boxes[:, :2] / norm[:2], index)
         p2 = self.apply_points(boxes[:, 2:] / norm[:2], index)
-        out = torch.cat([torch.minimum(p1, p2), torch.maximum(p1, p2)], dim=1).clamp(0, 1)
+        hi = self.extent[index] if self.extent is not None else torch.ones_like(p1)
+        lo, up = torch.minimum(p1, p2), torch.maximum(p1, p2)
+        out = torch.cat([torch.minimum(torch.maximum(lo, 0 * lo), hi), torch.minimum(torch.maximum(up, 0 * up), hi)], 1)
         return out * norm
 
 
@@ -92,7 +128,7 @@ def hflip(batch: int, valid: torch.Tensor | None = None, device=None) -> BatchTr
     scale[:, 0] = -1
     offset = torch.zeros(batch, 2, device=device)
     offset[:, 0] = valid[:, 0]
-    return BatchTransform(scale, offset)
+    return BatchTransform(scale, offset, valid.clone())
 
 
 def sample_transforms(
@@ -101,21 +137,42 @@ def sample_transforms(
     valid: torch.Tensor | None = None,
     flip_p: float = 0.5,
     crop: tuple[float, float] | None = (0.6, 1.0),
+    mode: str = "stretch",
+    canvas: tuple[int, int] | None = None,
+    align: int = 1,
 ) -> BatchTransform:
     """Draw g ~ G per image: a crop with sides a uniform fraction in `crop` of the valid region,
-    placed uniformly inside it and resized back to it, then a flip with probability `flip_p`.
+    placed uniformly inside it, then a flip (within the crop's output region) with probability
+    `flip_p`. `mode` is one of CROP_MODES; "no_resize" needs the `canvas` (H, W) in pixels and
+    rounds crop sides and offsets down to multiples of `align` pixels (the embedding stride).
     Draws happen on the CPU generator, so results do not depend on the device.
     """
+    if mode not in CROP_MODES:
+        raise ValueError(f"iuq.crop_mode: {mode!r} is not one of {CROP_MODES}")
     valid = torch.ones(batch, 2) if valid is None else valid.detach().cpu().float()
     if crop is not None:
         lo, hi = crop
         rel = lo + (hi - lo) * torch.rand(batch, 2, generator=generator)  # [B, 2] crop side / valid side
-        start = (1 - rel) * torch.rand(batch, 2, generator=generator)  # [B, 2] in units of the valid side
+        place = torch.rand(batch, 2, generator=generator)  # [B, 2] where the crop sits within the slack
+        if mode != "stretch":  # one relative side for both axes
+            rel = rel[:, :1].expand(batch, 2).clone()
     else:
-        rel, start = torch.ones(batch, 2), torch.zeros(batch, 2)
-    # output u in [0, v] -> source x = v * (start + rel * u / v) = rel * u + v * start
-    g = BatchTransform(rel.clone(), valid * start)
+        rel, place = torch.ones(batch, 2), torch.zeros(batch, 2)
+    start = (1 - rel) * place  # [B, 2] in units of the valid side
+    if mode == "no_resize":
+        if canvas is None:
+            raise ValueError("crop mode 'no_resize' needs the canvas size (H, W) in pixels")
+        size = torch.tensor([canvas[1], canvas[0]], dtype=torch.float32)  # (x, y) pixels
+        valid_px = (valid * size).round()
+        side = torch.clamp((rel * valid_px / align).floor() * align, min=align)
+        side = torch.minimum(side, valid_px)
+        first = (place * (valid_px - side) / align).floor() * align
+        # output u in [0, side) is source x = u + first (in pixels): a pure shift at the original scale
+        g = BatchTransform(torch.ones(batch, 2), first / size, side / size)
+    else:
+        # output u in [0, v] -> source x = v * (start + rel * u / v) = rel * u + v * start
+        g = BatchTransform(rel.clone(), valid * start, valid.clone())
     flip = torch.rand(batch, generator=generator) < flip_p
-    f = hflip(batch, valid)
+    f = hflip(batch, g.extent)
     f.scale[~flip], f.offset[~flip] = 1.0, 0.0
     return g.then(f)

@@ -60,7 +60,9 @@ class IUQModule(L.LightningModule):
         self.criterion = None
         if iuq.inter or iuq.equi:
             pixel_dim = self.model.model.config.mask_feature_size
-            self.criterion = IUQCriterion(iuq, self.model.decoder, pixel_dim, self.model.mask_loss)
+            self.criterion = IUQCriterion(
+                iuq, self.model.decoder, pixel_dim, self.model.mask_loss, self.model.mask_loss_weight
+            )
         self.label_to_category = list(label_to_category)
         self.class_names = list(class_names)
         self.evaluator: CocoMaskEvaluator | None = None  # set by the trainer when there is a val split
@@ -77,8 +79,17 @@ class IUQModule(L.LightningModule):
         generator = torch.Generator().manual_seed(seed)
         targets = batch["targets"]
         image_ids = torch.tensor([t["image_id"] for t in targets], device=self.device)
+        every = self.cfg.train.log_grad_share_every
         result = training_step(
-            self.model, self.criterion, batch["images"], batch["pixel_mask"], targets, image_ids, generator
+            self.model,
+            self.criterion,
+            batch["images"],
+            batch["pixel_mask"],
+            targets,
+            image_ids,
+            generator,
+            cfg=self.cfg.iuq,
+            diagnose=every > 0 and self.global_step % every == 0,
         )
         for name, value in [*result.terms.items(), ("loss", result.loss)]:  # name the term before the sum
             if not torch.isfinite(value.detach()).all():
@@ -91,6 +102,8 @@ class IUQModule(L.LightningModule):
         self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=b)
         for name, value in result.terms.items():  # every term, auxiliary layers' included
             self.log(f"train/{name}", value.detach(), prog_bar=name in ("loss_inter", "loss_equi"), batch_size=b)
+        for name, value in result.diagnostics.items():
+            self.log(f"diag/{name}", value.detach().float(), batch_size=b)
         if self.criterion is not None and self.criterion.memory is not None:
             memory = self.criterion.memory
             self.log("train/memory_fill", memory.count.float() / memory.capacity, batch_size=b)

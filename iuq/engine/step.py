@@ -1,8 +1,9 @@
 """One training step of a base segmenter with IUQ, independent of the training engine.
 
-    images, targets --> g ~ G per image --> views [I, g(I)] --> one batched forward
-    base losses on both views; L_inter on the matched queries of all views vs. the batch's other
-    images and the memory; L_equi from the g-views' matched queries on g(f(I)).
+    images, targets --[g_augment: g0 ~ G]--> g ~ G per image --> views [I, g(I)] --> one forward
+    base loss on each view (normalised per view; the g-view's only with g_view_base_loss);
+    L_inter on the matched queries vs. the batch's other images and the memory;
+    L_equi from the g-views' matched queries on g(f(I)), normalised like the base mask loss.
 
 The memory is *not* updated here: call `criterion.update_memory(result.samples)` after the
 optimiser step, so a batch is never contrasted with its own entries twice.
@@ -10,13 +11,16 @@ optimiser step, so a batch is never contrasted with its own entries twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
+from iuq.core.config import IUQConfig
 from iuq.core.criterion import IUQCriterion
-from iuq.core.sampling import PixelSamples
+from iuq.core.sampling import PixelSamples, downsample_masks
 from iuq.core.transforms import BatchTransform, sample_transforms
+from iuq.data.coco import boxes_from_masks
 
 
 class NonFiniteLossError(RuntimeError):
@@ -29,18 +33,33 @@ class StepResult:
     terms: dict[str, torch.Tensor]  # every term, unweighted: the base model's and loss_inter / loss_equi
     samples: PixelSamples | None  # to enqueue after the step
     g: BatchTransform | None
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # gradient shares etc. (logs only)
+
+
+def draw_g(cfg: IUQConfig, pixel_mask: torch.Tensor, stride: int, generator: torch.Generator | None) -> BatchTransform:
+    """g ~ G for each image of a padded batch, by the config's crop reading."""
+    crop = (cfg.crop_min, cfg.crop_max)
+    g = sample_transforms(
+        pixel_mask.shape[0], generator, valid_fraction(pixel_mask), cfg.flip_p, crop,
+        mode=cfg.crop_mode, canvas=tuple(pixel_mask.shape[1:]), align=stride,
+    )  # fmt: skip
+    return g.to(pixel_mask.device)
 
 
 def transformed_views(images: torch.Tensor, pixel_mask: torch.Tensor, targets: list[dict], g: BatchTransform):
     """g(I), its pixel mask and g(targets); instances cropped out entirely are dropped."""
     g_images = g.apply(images)  # [B, 3, H, W]
+    g_mask = g.apply(pixel_mask[:, None].float(), mode="nearest")[:, 0] > 0.5  # [B, H, W]
     g_targets = []
     for b, t in enumerate(targets):
         index = torch.full((t["masks"].shape[0],), b, dtype=torch.long)
         masks = g.apply_masks(t["masks"], index)  # [K, H, W]
         keep = masks.flatten(1).any(1)
-        g_targets.append({**t, "masks": masks[keep], "labels": t["labels"][keep]})
-    return g_images, pixel_mask, g_targets
+        g_target = {**t, "masks": masks[keep], "labels": t["labels"][keep]}
+        if "boxes" in t:
+            g_target["boxes"] = boxes_from_masks(masks[keep])
+        g_targets.append(g_target)
+    return g_images, g_mask, g_targets
 
 
 def valid_fraction(pixel_mask: torch.Tensor) -> torch.Tensor:
@@ -48,6 +67,33 @@ def valid_fraction(pixel_mask: torch.Tensor) -> torch.Tensor:
     w = pixel_mask.any(1).sum(1).float() / pixel_mask.shape[2]
     h = pixel_mask.any(2).sum(1).float() / pixel_mask.shape[1]
     return torch.stack([w, h], dim=1)
+
+
+def mean_mask_count(targets: list[dict], device) -> float:
+    """Number of target masks averaged over ranks, at least 1: the normaliser the base model uses for
+    its mask loss (HF Mask2Former's `get_num_masks`), so L_equi is a per-mask mean like it."""
+    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        world = dist.get_world_size()
+    return max(float(count) / world, 1.0)
+
+
+def gradient_shares(parts: dict[str, torch.Tensor], points: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For each weighted loss part and each point of the graph: the norm of the part's gradient there,
+    and its share of the sum of norms over parts (`grad_norm/<point>/<part>`, `grad_share/...`)."""
+    out = {}
+    for point, tensor in points.items():
+        norms = {}
+        for name, value in parts.items():
+            (grad,) = torch.autograd.grad(value, [tensor], retain_graph=True, allow_unused=True)
+            norms[name] = grad.detach().norm() if grad is not None else tensor.new_zeros(())
+        total = sum(norms.values()).clamp(min=1e-12)
+        for name, norm in norms.items():
+            out[f"grad_norm/{point}/{name}"] = norm
+            out[f"grad_share/{point}/{name}"] = norm / total
+    return out
 
 
 def training_step(
@@ -58,34 +104,48 @@ def training_step(
     targets: list[dict],
     image_ids: torch.Tensor,
     generator: torch.Generator | None = None,
+    cfg: IUQConfig | None = None,
+    diagnose: bool = False,
 ) -> StepResult:
     """Base model (an adapter such as `Mask2FormerAdapter`) plus IUQ on one padded batch.
 
-    `criterion=None` is the plain baseline. With `criterion.cfg.equi` the batch gains its g-views
-    (also for the "augmentation" variant, so ablations see equal numbers of views).
+    `criterion=None` is the plain baseline; `cfg` (default: the criterion's) still decides
+    `g_augment`, so a baseline can train with G as augmentation. With `criterion.cfg.equi` the batch
+    gains its g-views (also for the "augmentation" variant, so ablations see equal numbers of views).
+    `diagnose` adds gradient shares per term and the split of L_inter to `result.diagnostics`.
     """
+    cfg = criterion.cfg if criterion is not None else (cfg or IUQConfig(inter=False, equi=False))
+    if cfg.g_augment:  # G as ordinary augmentation: every later step sees g0(I) as "the image"
+        g0 = draw_g(cfg, pixel_mask, model.stride, generator)
+        images, pixel_mask, targets = transformed_views(images, pixel_mask, targets, g0)
     b = images.shape[0]
     g = None
-    all_images, all_mask, all_targets = images, pixel_mask, targets
-    if criterion is not None and criterion.cfg.equi:
-        cfg = criterion.cfg
-        g = sample_transforms(b, generator, valid_fraction(pixel_mask), cfg.flip_p, (cfg.crop_min, cfg.crop_max))
-        g = g.to(images.device)
+    all_images, all_mask, all_targets, views = images, pixel_mask, targets, 1
+    if criterion is not None and cfg.equi:
+        g = draw_g(cfg, pixel_mask, model.stride, generator)
         g_images, g_mask, g_targets = transformed_views(images, pixel_mask, targets, g)
         all_images = torch.cat([images, g_images])
         all_mask = torch.cat([pixel_mask, g_mask])
         all_targets = targets + g_targets
-    out = model(all_images, all_mask, all_targets)
+        views = 2
+    out = model(all_images, all_mask, all_targets, views=views, view_loss=(True, cfg.g_view_base_loss)[:views])
     terms = dict(out.loss_terms)
     loss = out.loss
+    parts = {"base": out.loss}
+    if views == 2 and out.view_losses[1] is not None:
+        terms["loss_base_g"] = out.view_losses[1].detach()  # weighted, for the logs
     samples = None
-    if criterion is not None and (criterion.cfg.inter or criterion.cfg.equi):
+    diagnostics = {}
+    if criterion is not None and (cfg.inter or cfg.equi):
         # Pixel sampling draws on the embeddings' device; its generator is seeded from the CPU one.
         sample_generator = None
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (), generator=generator))
             sample_generator = torch.Generator(device=images.device).manual_seed(seed)
-        queries, masks = model.matched(out, all_targets)
+        queries, masks, labels = model.matched(out, all_targets)
+        valid_g = None
+        if g is not None:
+            valid_g = downsample_masks(all_mask[b:], out.pixel_embeddings.shape[-2:])  # [B, h, w]
         iuq_terms, samples = criterion(
             out.pixel_embeddings,
             queries,
@@ -93,10 +153,19 @@ def training_step(
             [t["masks"] for t in targets],
             image_ids,
             g=g,
-            num_masks=max(sum(q.shape[0] for q in queries[b:]), 1),
+            num_masks=mean_mask_count(all_targets[b:], images.device) if g is not None else None,
             generator=sample_generator,
+            gt_labels=[t["labels"] for t in targets],
+            valid_g=valid_g,
         )
         for name, value in iuq_terms.items():
             terms[name] = value
-            loss = loss + criterion.weights[name] * value
-    return StepResult(loss=loss, terms=terms, samples=samples, g=g)
+            weighted = criterion.weights[name] * value
+            loss = loss + weighted
+            parts[name.removeprefix("loss_")] = weighted
+        if diagnose and cfg.inter:
+            diagnostics.update(criterion.diagnose_inter(queries, labels, image_ids, samples))
+    if diagnose:
+        points = {"pixel": out.pixel_embeddings, "query": out.query_states}
+        diagnostics.update(gradient_shares(parts, points))
+    return StepResult(loss=loss, terms=terms, samples=samples, g=g, diagnostics=diagnostics)

@@ -9,10 +9,13 @@ returns neither the per-query mask embeddings q_n nor the matching sigma, so the
   points, so a second call could disagree; its first call in a forward is the final layer's
   (auxiliary layers are matched by direct `forward` calls, which hooks do not see);
 - captures the unweighted loss terms with a forward hook on `model.criterion` (as copies: the
-  model weights the criterion's tensors in place afterwards).
+  model weights the criterion's tensors in place afterwards);
+- computes the loss itself, per view (`get_loss_dict` on each view's slice of the outputs), so
+  that a batch holding two views of B images weighs each view like a batch of B images.
 
 Internals used: `model.model.transformer_module.decoder.{layernorm, mask_predictor.mask_embedder}`,
-`model.criterion`, `model.criterion.matcher`. `tests/models/test_mask2former.py` fails if they move.
+`model.criterion`, `model.criterion.matcher`, `model.get_loss_dict`, `model.get_loss`.
+`tests/models/test_mask2former.py` fails if they move.
 """
 
 from __future__ import annotations
@@ -221,11 +224,15 @@ def backbone_module(model) -> nn.Module:
 
 @dataclass
 class SegmenterOutput:
-    """What iuq reads from one forward of a base segmenter on a batch of B images.
+    """What iuq reads from one forward of a base segmenter on a batch of V views of B images.
 
-    loss: the model's own weighted total; loss_terms: its unweighted terms (incl. auxiliary layers).
-    pixel_embeddings: [B, D, h, w] ("I" of the paper); stride: input pixels per embedding cell.
-    query_embeddings: [B, Q, D] q_n of every query; mask_logits [B, Q, h, w]; class_logits [B, Q, C+1].
+    loss: the base loss summed over the views that get one (each view normalised over its own
+    masks, so adding a view never dilutes another); loss_terms: the first view's unweighted terms
+    (incl. auxiliary layers); view_losses: per view its weighted base loss (None: not computed).
+    pixel_embeddings: [V*B, D, h, w] ("I" of the paper); stride: input pixels per embedding cell.
+    query_embeddings: [V*B, Q, D] q_n of every query; query_states: [V*B, Q, hidden] the decoder's
+    last hidden state they derive from (the point at which gradient shares at the queries are read);
+    mask_logits [V*B, Q, h, w]; class_logits [V*B, Q, C+1].
     indices: per image (query indices, target indices), the model's own matching sigma.
     """
 
@@ -237,6 +244,8 @@ class SegmenterOutput:
     mask_logits: torch.Tensor
     class_logits: torch.Tensor
     indices: list[tuple[torch.Tensor, torch.Tensor]] | None
+    view_losses: list[torch.Tensor | None] | None = None
+    query_states: torch.Tensor | None = None
 
 
 class Mask2FormerAdapter(nn.Module):
@@ -253,6 +262,11 @@ class Mask2FormerAdapter(nn.Module):
         model.criterion.register_forward_hook(self._catch_losses)
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def mask_loss_weight(self) -> float:
+        """Weight of the model's mask loss terms (Mask2Former: 5 for BCE and 5 for dice)."""
+        return float(self.model.config.mask_weight)
 
     def _catch_indices(self, module, args, output) -> None:
         self._caught.setdefault("indices", output)  # first call = final decoder layer
@@ -272,43 +286,77 @@ class Mask2FormerAdapter(nn.Module):
         return decoder.mask_predictor.mask_embedder(decoder.layernorm(decoder_last_hidden_state))
 
     def forward(
-        self, images: torch.Tensor, pixel_mask: torch.Tensor | None = None, targets: list[dict] | None = None
+        self,
+        images: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        targets: list[dict] | None = None,
+        views: int = 1,
+        view_loss: tuple[bool, ...] | None = None,
     ) -> SegmenterOutput:
-        """images [B, 3, H, W] in [0, 1]; pixel_mask [B, H, W] bool; targets with `masks` [K, H, W]
-        bool and `labels` [K] (omit for inference)."""
-        self._caught = {}
-        labels = None
-        if targets is not None:
-            labels = {
-                "mask_labels": [t["masks"].to(images.dtype) for t in targets],
-                "class_labels": [t["labels"] for t in targets],
-            }
+        """images [V*B, 3, H, W] in [0, 1] (V views of B images, view-major); pixel_mask [V*B, H, W]
+        bool; targets with `masks` [K, H, W] bool and `labels` [K] (omit for inference).
+
+        Each view is matched on its own; view v gets the base loss if `view_loss[v]` (default: all),
+        normalised over its own masks as the model normalises a batch. A view without the loss is
+        still matched (its sigma is what L_equi supervises).
+        """
+        n = images.shape[0]
+        if n % views:
+            raise ValueError(f"a batch of {n} images does not split into {views} views")
+        view_loss = tuple(view_loss) if view_loss is not None else (True,) * views
         out = self.model(
             pixel_values=(images - self.mean) / self.std,
             pixel_mask=pixel_mask.long() if pixel_mask is not None else None,
-            **(labels or {}),
+            output_auxiliary_logits=targets is not None,
         )
+        loss, terms, losses, indices = None, {}, None, None
+        if targets is not None:
+            losses, indices = [], []
+            b = n // views
+            for v in range(views):
+                part = slice(v * b, (v + 1) * b)
+                mask_labels = [t["masks"].to(images.dtype) for t in targets[part]]
+                class_labels = [t["labels"] for t in targets[part]]
+                masks, classes = out.masks_queries_logits[part], out.class_queries_logits[part]
+                self._caught = {}
+                if view_loss[v]:
+                    aux = [{k: a[k][part] for k in a} for a in out.auxiliary_logits or []]
+                    view = self.model.get_loss(self.model.get_loss_dict(masks, classes, mask_labels, class_labels, aux))
+                    if v == 0:
+                        terms = dict(self._caught.get("losses", {}))
+                    loss = view if loss is None else loss + view
+                    losses.append(view)
+                    indices += self._caught["indices"]
+                else:
+                    indices += self.model.criterion.matcher(masks, classes, mask_labels, class_labels)
+                    losses.append(None)
         return SegmenterOutput(
-            loss=out.loss,
-            loss_terms=dict(self._caught.get("losses", {})),
+            loss=loss,
+            loss_terms=terms,
             pixel_embeddings=out.pixel_decoder_last_hidden_state,
             stride=self.stride,
             query_embeddings=self.query_embeddings(out.transformer_decoder_last_hidden_state),
             mask_logits=out.masks_queries_logits,
             class_logits=out.class_queries_logits,
-            indices=self._caught.get("indices"),
+            indices=indices,
+            view_losses=losses,
+            query_states=out.transformer_decoder_last_hidden_state,
         )
 
     @staticmethod
-    def matched(output: SegmenterOutput, targets: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per image: matched queries [Q_i, D] and their ground-truth masks [Q_i, H, W] (sigma order)."""
+    def matched(
+        output: SegmenterOutput, targets: list[dict]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per image: matched queries [Q_i, D], their ground-truth masks [Q_i, H, W] and labels [Q_i]
+        (sigma order)."""
         if output.indices is None:
             raise ValueError("no matching was captured: run the forward with targets")
-        queries, masks = [], []
+        queries, masks, labels = [], [], []
         for b, (src, tgt) in enumerate(output.indices):
             queries.append(output.query_embeddings[b, src.to(output.query_embeddings.device)])
             masks.append(targets[b]["masks"][tgt.to(targets[b]["masks"].device)])
-        return queries, masks
+            labels.append(targets[b]["labels"][tgt.to(targets[b]["labels"].device)])
+        return queries, masks, labels
 
 
 @torch.no_grad()

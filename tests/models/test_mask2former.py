@@ -54,11 +54,34 @@ def test_matched_queries_and_masks():
     model = _tiny()
     images, targets = _batch()
     out = model(images, targets=targets)
-    queries, masks = model.matched(out, targets)
+    queries, masks, labels = model.matched(out, targets)
     assert [q.shape for q in queries] == [(3, 64), (2, 64)]
     src, tgt = out.indices[1]
     assert torch.equal(queries[1], out.query_embeddings[1, src])
     assert torch.equal(masks[1], targets[1]["masks"][tgt])
+    assert torch.equal(labels[1], targets[1]["labels"][tgt])
+
+
+def test_each_view_is_weighted_like_a_batch_of_its_own():
+    """Two views of B images: the loss is the sum of each view's loss computed alone, so adding a
+    view never dilutes the first (one HF loss over both would halve each view's weight)."""
+    model = _tiny().eval()  # BatchNorm on running statistics: the forward does not depend on the batch
+    images, targets = _batch()
+    flipped = images.flip(-1)
+    targets_f = [{**t, "masks": t["masks"].flip(-1)} for t in targets]
+    torch.manual_seed(0)  # the loss samples points at random: replay the same draws in both ways
+    both = model(torch.cat([images, flipped]), targets=targets + targets_f, views=2)
+    torch.manual_seed(0)
+    alone = [model(images, targets=targets), model(flipped, targets=targets_f)]
+    torch.testing.assert_close(both.loss, alone[0].loss + alone[1].loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both.view_losses[1], alone[1].loss, rtol=1e-5, atol=1e-5)
+    assert both.loss_terms.keys() == alone[0].loss_terms.keys()
+    torch.testing.assert_close(both.loss_terms["loss_dice"], alone[0].loss_terms["loss_dice"], rtol=1e-5, atol=1e-5)
+    # Without the second view's loss, it is still matched (L_equi needs its sigma).
+    torch.manual_seed(0)
+    first_only = model(torch.cat([images, flipped]), targets=targets + targets_f, views=2, view_loss=(True, False))
+    torch.testing.assert_close(first_only.loss, alone[0].loss, rtol=1e-5, atol=1e-5)
+    assert first_only.view_losses[1] is None and [len(s) for s, _ in first_only.indices] == [3, 2, 3, 2]
 
 
 def test_swin_backbone_builds_and_runs():
