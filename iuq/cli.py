@@ -224,7 +224,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=0.5, help="score threshold of the overlays")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     s.set_defaults(func=_predict)
+
+    s = sub.add_parser(
+        "ablate",
+        help="run a study (arms x seeds) and write its table with confidence intervals",
+        description="iuq ablate CONFIG --study NAME --seeds N --out DIR [--set KEY=VALUE ...]. Studies: "
+        "components, inter_loss, sampling, capacity, equivariance, lambda, readings (iuq/study/arms.py). "
+        "Finished runs are skipped, so a killed study resumes.",
+    )
+    s.add_argument("config", type=Path, help="run config YAML that every arm starts from")
+    s.add_argument("--study", required=True, help="which study")
+    s.add_argument("--seeds", type=int, default=3, help="seeds per arm (train.seed = 0 .. N-1)")
+    s.add_argument("--first-seed", type=int, default=0, help="first train.seed")
+    s.add_argument("--out", required=True, type=Path, help="study folder")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every arm")
+    s.add_argument("--arms", help="comma-separated subset of the study's arms (the reference is always run)")
+    s.add_argument("--jobs", type=int, default=1, help="runs at a time (set train.threads to share the cores)")
+    s.add_argument("--report-only", action="store_true", help="rebuild the report from DIR/summaries, run nothing")
+    s.set_defaults(func=_ablate)
     return p
+
+
+def _ablate(args) -> None:
+    from iuq.config import load_config
+    from iuq.study.runner import ablate, report_only
+
+    if not args.config.is_file():
+        raise FileNotFoundError(f"config file {args.config} does not exist (shipped configs are in configs/)")
+    load_config(args.config, args.set or [])  # a bad key fails here, before any run starts
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+    if args.report_only:
+        report_only(args.out, args.study, arms)
+    else:
+        ablate(args.config, args.study, args.seeds, args.out, args.set, arms, args.jobs, args.first_seed)
+    print(f"study report: {args.out / 'results.md'}  (results.csv, results.json, results.png, curves.png)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,9 +287,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from iuq.engine.step import NonFiniteLossError
     from iuq.evaluation.coco_eval import ResultsError
     from iuq.models.backbones import WeightsError
+    from iuq.study.runner import StudyError
 
     return (
         UsageError,
+        StudyError,
         DatasetError,
         ConfigError,
         CheckpointError,

@@ -58,9 +58,9 @@ class IUQConfig:
     flip_p: float = 0.5
     crop_min: float = 0.6
     crop_max: float = 1.0
-    g_augment: bool = False
-    g_view_base_loss: bool = True
-    crop_mode: str = "stretch"
+    g_augment: bool = True
+    g_view_base_loss: bool = False
+    crop_mode: str = "keep_aspect"
     inter_scale: str = "pair_mean"
     inter_batch_grad: bool = False
     inter_views: str = "all"

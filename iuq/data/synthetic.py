@@ -46,6 +46,8 @@ class SynthConfig:
     max_radius: float = 0.14
     colour_by_class: bool = False  # True: every instance of a class has the same colour (easy classes,
     # instances of a class even more alike); False: colours are drawn independently of the class
+    unique_colour: bool = False  # True: every instance gets its own colour, uniform in RGB (overrides
+    # colour_by_class): instances differ across the dataset, so dataset-level uniqueness is well-posed
 
 
 def _shape_polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -119,6 +121,8 @@ def _scene(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, list
         owner = new_owner
         colour_index = int(rng.integers(len(PALETTE)))  # drawn either way: same random stream
         colour = PALETTE[cls if cfg.colour_by_class else colour_index] + rng.normal(0, 10, size=3)
+        if cfg.unique_colour:  # an extra draw only here, so the other variants stay byte-identical
+            colour = rng.uniform(30, 230, size=3)
         # Soft shading centred off-centre: a weak per-instance cue, as lighting gives in real scenes.
         lx, ly = cx + rng.uniform(-r, r) / 2, cy + rng.uniform(-r, r) / 2
         shade = 1.15 - 0.35 * np.clip(np.hypot(xx - lx, yy - ly) / (1.5 * r), 0, 1)

@@ -4,6 +4,7 @@ OUT/config.yaml             the resolved configuration
 OUT/checkpoints/last.ckpt   model, optimiser, schedule, loop state and the IUQ memory
 OUT/logs/                   metrics.csv (CSV) and TensorBoard events of every loss term
 OUT/metrics.json            final COCO mask AP on the val split (keys as `iuq eval`)
+OUT/timing.json             mean s/step of the training steps (evaluation left out)
 OUT/model/                  the trained model, `save_pretrained` (loads in plain transformers)
 OUT/predictions/*.png       a few val predictions drawn over the images
 """
@@ -11,6 +12,7 @@ OUT/predictions/*.png       a few val predictions drawn over the images
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from iuq.config import ConfigError, RunConfig, save_config
 from iuq.data.coco import CocoInstances, DatasetError
 from iuq.data.synthetic import SynthConfig, generate
-from iuq.engine.console import ProgressPrinter, run_summary, silence_third_party_noise
+from iuq.engine.console import ProgressPrinter, StepTimer, run_summary, silence_third_party_noise
 from iuq.engine.data import open_split, test_loader, train_loader
 from iuq.engine.inference import TrainedModel, evaluate, predict, save_model_dir
 from iuq.engine.module import IUQModule
@@ -160,7 +162,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
         )
     if resume and rank_zero_only.rank == 0:  # the rank Lightning reads from torchrun / SLURM variables
         set_aside_csv_log(out / "logs")
-    trainer = build_trainer(cfg, out, val_set is not None, callbacks)
+    timer = StepTimer()
+    trainer = build_trainer(cfg, out, val_set is not None, [timer, *(callbacks or [])])
     steps_per_epoch = len(train_set) // (cfg.data.batch_size * trainer.world_size)  # drop_last batches
     module.total_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     if trainer.is_global_zero:
@@ -173,6 +176,8 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     trainer.save_checkpoint(last, weights_only=False)  # the final state, also when max_steps ends mid-epoch
     if not trainer.is_global_zero:
         return None
+    with open(out / "timing.json", "w") as f:  # read by `iuq ablate`; s/step of this process's steps
+        json.dump({"timed_steps": timer.timed_steps, "s_per_step": timer.seconds_per_step}, f)
     merge_csv_logs(out / "logs")
     return finish(cfg, module, val_set, out)
 

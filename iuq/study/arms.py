@@ -1,0 +1,117 @@
+"""The studies of `iuq ablate`: each is a list of arms (name, config overrides, the paper's row).
+
+Every arm trains with G as ordinary augmentation (`iuq.g_augment=true`) unless it says otherwise,
+so arms differ in the IUQ terms only: the paper's baseline is trained with G as augmentation
+(its Table 4d "w/ aug" row equals its Table 3 baseline). The first arm of each study is the
+reference of the paired differences.
+
+The paper's rows are CondInst R50 on COCO val2017 (Tables 3 and 4): AP, AP50, AP75, APs, APm, APl
+where printed (Table 4 prints AP, APs, APm, APl only; None where a value is not printed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    overrides: dict = field(default_factory=dict)
+    paper: dict | None = None  # the paper's metrics for this row, where it has one
+
+
+FAIR = {"iuq.g_augment": True}
+BASELINE = {**FAIR, "iuq.inter": False, "iuq.equi": False}
+INTER = {**FAIR, "iuq.inter": True, "iuq.equi": False}
+EQUI = {**FAIR, "iuq.inter": False, "iuq.equi": True}
+BOTH = {**FAIR, "iuq.inter": True, "iuq.equi": True}
+SPARSE = {**INTER, "iuq.sampling": "sparse"}
+# The reading the "readings" study changes one switch at a time (pinned, whatever the config says).
+READING = {
+    **BOTH,
+    "iuq.g_view_base_loss": True,
+    "iuq.crop_mode": "stretch",
+    "iuq.inter_scale": "pair_mean",
+    "iuq.inter_batch_grad": False,
+    "iuq.inter_views": "all",
+    "iuq.focal_alpha": 0.1,
+}
+
+
+def _t4(ap, aps, apm, apl) -> dict:
+    return {"AP": ap, "APs": aps, "APm": apm, "APl": apl}
+
+
+T4_BASE = _t4(35.5, 16.9, 38.9, 50.2)
+T4_FOCAL = _t4(37.6, 18.6, 40.6, 54.0)  # the adopted L_inter row, shared by Tables 4a-4c and 4e
+
+STUDIES: dict[str, list[Arm]] = {
+    "components": [  # Table 3
+        Arm("baseline", BASELINE, {"AP": 35.5, "AP50": 55.9, "AP75": 37.4, "APs": 16.9, "APm": 38.9, "APl": 50.2}),
+        Arm("inter", INTER, {"AP": 37.6, "AP50": 58.4, "AP75": 40.3, "APs": 18.2, "APm": 40.8, "APl": 54.0}),
+        Arm("equi", EQUI, {"AP": 36.5, "AP50": 58.0, "AP75": 39.0, "APs": 17.1, "APm": 39.5, "APl": 51.6}),
+        Arm("both", BOTH, {"AP": 38.1, "AP50": 60.2, "AP75": 40.6, "APs": 18.4, "APm": 40.9, "APl": 54.3}),
+    ],
+    "inter_loss": [  # Table 4a (L_inter alone)
+        Arm("baseline", BASELINE, T4_BASE),
+        Arm("l1", {**INTER, "iuq.inter_loss": "l1"}, _t4(36.0, 17.1, 39.2, 51.7)),
+        Arm("l2", {**INTER, "iuq.inter_loss": "l2"}, _t4(35.9, 17.6, 39.1, 51.6)),
+        Arm("bce", {**INTER, "iuq.inter_loss": "bce"}, _t4(37.3, 18.1, 40.6, 53.3)),
+        Arm("focal", {**INTER, "iuq.inter_loss": "focal"}, T4_FOCAL),
+    ],
+    "sampling": [  # Table 4b (L_inter alone)
+        Arm("baseline", BASELINE, T4_BASE),
+        Arm("dense", {**INTER, "iuq.sampling": "dense"}, _t4(37.1, 18.0, 40.4, 53.0)),
+        Arm("sparse_500", {**SPARSE, "iuq.samples_per_image": 500}, _t4(37.2, 17.8, 40.5, 53.2)),
+        Arm("sparse_1000", {**SPARSE, "iuq.samples_per_image": 1000}, _t4(37.3, 17.9, 40.5, 53.4)),
+        Arm("balanced_10", {**INTER, "iuq.samples_per_instance": 10}, _t4(37.4, 18.7, 40.5, 53.6)),
+        Arm("balanced_50", {**INTER, "iuq.samples_per_instance": 50}, T4_FOCAL),
+    ],
+    "capacity": [  # Table 4c (L_inter alone)
+        Arm("baseline", BASELINE, T4_BASE),
+        Arm("minibatch", {**INTER, "iuq.inter_mode": "minibatch"}, _t4(36.9, 17.8, 40.1, 53.1)),
+        Arm("memory_10k", {**INTER, "iuq.memory_capacity": 10_000}, _t4(37.0, 17.9, 40.3, 53.2)),
+        Arm("memory_50k", {**INTER, "iuq.memory_capacity": 50_000}, _t4(37.3, 18.1, 40.4, 53.6)),
+        Arm("memory_70k", {**INTER, "iuq.memory_capacity": 70_000}, _t4(37.5, 18.5, 40.4, 53.7)),
+        Arm("memory_100k", {**INTER, "iuq.memory_capacity": 100_000}, T4_FOCAL),
+    ],
+    "equivariance": [  # Table 4d (L_equi alone); "aug" is the baseline with G as augmentation
+        Arm("aug", BASELINE, T4_BASE),
+        Arm("no_aug", {**BASELINE, "iuq.g_augment": False}, _t4(35.3, 16.2, 39.2, 49.9)),
+        Arm("feature", {**EQUI, "iuq.equi_variant": "feature"}, _t4(36.3, 16.5, 39.5, 51.4)),
+        Arm("full", {**EQUI, "iuq.equi_variant": "full"}, _t4(36.5, 17.1, 39.5, 51.6)),
+    ],
+    "lambda": [  # Table 4e (both terms)
+        Arm("baseline", BASELINE, T4_BASE),
+        Arm("lambda_1", {**BOTH, "iuq.equi_weight": 1.0}, _t4(37.0, 17.9, 40.4, 52.1)),
+        Arm("lambda_3", {**BOTH, "iuq.equi_weight": 3.0}, T4_FOCAL),
+        Arm("lambda_5", {**BOTH, "iuq.equi_weight": 5.0}, _t4(37.5, 18.3, 40.7, 53.6)),
+        Arm("lambda_10", {**BOTH, "iuq.equi_weight": 10.0}, _t4(37.3, 18.1, 40.8, 53.3)),
+    ],
+    "readings": [  # the paper's open points, each changed alone from one reading of both terms
+        Arm("baseline", BASELINE),
+        Arm("both", READING),
+        Arm("paper_comparator", {**READING, "iuq.g_augment": False}),
+        Arm("no_g_base_loss", {**READING, "iuq.g_view_base_loss": False}),
+        Arm("keep_aspect", {**READING, "iuq.crop_mode": "keep_aspect"}),
+        Arm("no_resize", {**READING, "iuq.crop_mode": "no_resize"}),
+        Arm("mask_weight", {**READING, "iuq.inter_scale": "mask_weight"}),
+        Arm("batch_grad", {**READING, "iuq.inter_batch_grad": True}),
+        Arm("original_views", {**READING, "iuq.inter_views": "original"}),
+        Arm("alpha_0.9", {**READING, "iuq.focal_alpha": 0.9}),
+    ],
+}
+
+
+def study_arms(name: str, only: list[str] | None = None) -> list[Arm]:
+    """The arms of study `name` (those named in `only`, in study order, the reference kept first)."""
+    if name not in STUDIES:
+        raise ValueError(f"--study: unknown study {name!r}; choose one of {sorted(STUDIES)}")
+    arms = STUDIES[name]
+    if only:
+        unknown = sorted(set(only) - {a.name for a in arms})
+        if unknown:
+            raise ValueError(f"--arms: {unknown} are not arms of {name!r}: {[a.name for a in arms]}")
+        arms = [a for i, a in enumerate(arms) if i == 0 or a.name in only]
+    return arms

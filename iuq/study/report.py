@@ -1,0 +1,162 @@
+"""The report of a study: per arm mean and 95% CI (Student t over seeds) of every metric and of
+s/step, the paired difference to the reference arm (same seeds), the paper's row beside ours, and
+two figures. Pure functions of the run summaries, so a report can be rebuilt from committed
+summaries alone (`iuq ablate ... --report-only`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float | None]:
+    """(mean, half-width of the two-sided Student-t interval); the half-width is None for n < 2."""
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if x.size == 0:
+        return math.nan, None
+    if x.size < 2:
+        return float(x.mean()), None
+    half = stats.t.ppf(0.5 + level / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+    return float(x.mean()), float(half)
+
+
+def paired(arm: list[dict], reference: list[dict], key: str) -> tuple[float, float | None, int]:
+    """Mean and CI of arm - reference over the seeds both have; n pairs."""
+    ref = {s["seed"]: s for s in reference}
+    diffs = [s["metrics"][key] - ref[s["seed"]]["metrics"][key] for s in arm if s["seed"] in ref]
+    mean, half = mean_ci(diffs)
+    return mean, half, len(diffs)
+
+
+def _fmt(mean: float, half: float | None, digits: int = 2) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if half is not None else f"{mean:.{digits}f}"
+
+
+def arm_rows(arms: list, summaries: list[dict]) -> list[dict]:
+    by_arm = {a.name: [s for s in summaries if s["arm"] == a.name] for a in arms}
+    reference = arms[0].name
+    rows = []
+    for arm in arms:
+        runs = by_arm[arm.name]
+        row = {"arm": arm.name, "n": len(runs), "seeds": [s["seed"] for s in runs], "overrides": arm.overrides}
+        for key in METRICS:
+            row[key] = mean_ci([s["metrics"][key] for s in runs])
+        row["s_per_step"] = mean_ci([s.get("s_per_step") for s in runs])
+        if arm.name != reference:
+            row["paired"] = {k: paired(runs, by_arm[reference], k) for k in METRICS}
+        row["paper"] = arm.paper
+        rows.append(row)
+    return rows
+
+
+def markdown(study: str, rows: list[dict]) -> str:
+    ref = rows[0]["arm"]
+    paper_ref = rows[0]["paper"]
+    lines = [
+        f"# Study `{study}`",
+        "",
+        f"Mean ± 95% CI (Student t over seeds); Δ is the paired difference to `{ref}` on the same seeds. "
+        "Paper: its CondInst R50 COCO val2017 row and its gain over its reference row.",
+        "",
+        "| arm | n | AP | AP50 | AP75 | APs | APm | APl | s/step | ΔAP vs " + ref + " | paper AP (Δ) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [f"`{r['arm']}`", str(r["n"]), *(_fmt(*r[k]) for k in METRICS), _fmt(*r["s_per_step"], digits=3)]
+        if "paired" in r:
+            d, h, n = r["paired"]["AP"]
+            sign = ""
+            if h is not None:
+                sign = " (above 0)" if d - h > 0 else " (below 0)" if d + h < 0 else ""
+            cells.append(f"{_fmt(d, h)}{sign}" if n else "n/a")
+        else:
+            cells.append("reference")
+        p = r["paper"]
+        if p and p.get("AP") is not None:
+            gain = f" ({p['AP'] - paper_ref['AP']:+.1f})" if paper_ref and paper_ref.get("AP") is not None else ""
+            cells.append(f"{p['AP']:.1f}{gain}")
+        else:
+            cells.append("—")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Overrides of each arm (on top of the config and the command's --set):", ""]
+    for r in rows:
+        pairs = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+        lines.append(f"- `{r['arm']}`: {pairs}")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arm", "n", "metric", "mean", "ci95", "paired_diff", "paired_ci95", "paper"])
+        for r in rows:
+            for key in (*METRICS, "s_per_step"):
+                mean, half = r[key]
+                d = r.get("paired", {}).get(key, (None, None, 0))
+                paper = (r["paper"] or {}).get(key)
+                w.writerow([r["arm"], r["n"], key, mean, half, d[0], d[1], paper])
+
+
+def plot(rows: list[dict], summaries: list[dict], out: Path, study: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["arm"] for r in rows]
+    means = [r["AP"][0] for r in rows]
+    errs = [r["AP"][1] or 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows)), 3.5))
+    ax.bar(names, means, yerr=errs, capsize=4, color=["0.6", *["C0"] * (len(rows) - 1)])
+    for i, s in enumerate(rows):  # every seed as a dot
+        seeds = [x["metrics"]["AP"] for x in summaries if x["arm"] == s["arm"]]
+        ax.plot([i] * len(seeds), seeds, "k.", ms=4)
+    ax.set_ylabel("mask AP (val)")
+    ax.set_title(f"{study}: mean ± 95% CI, dots = seeds")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "results.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, r in enumerate(rows):
+        curves = [dict(map(tuple, s["val_curve"])) for s in summaries if s["arm"] == r["arm"]]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not steps:
+            continue
+        table = np.array([[c[s] for s in steps] for c in curves])  # [seeds, steps]
+        mean = table.mean(0)
+        ax.plot(steps, mean, label=r["arm"], color=f"C{i}")
+        if table.shape[0] > 1:
+            ax.fill_between(steps, table.min(0), table.max(0), alpha=0.2, color=f"C{i}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("val AP")
+    ax.set_title(f"{study}: mean over seeds, band = min-max")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no evaluation during training", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, study: str, arms: list, summaries: list[dict]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = arm_rows(arms, summaries)
+    (out / "results.md").write_text(markdown(study, rows))
+    write_csv(rows, out / "results.csv")
+    with open(out / "results.json", "w") as f:
+        json.dump({"study": study, "arms": rows, "runs": summaries}, f, indent=1)
+    plot(rows, summaries, out, study)
+    return {"study": study, "arms": rows}

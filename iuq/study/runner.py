@@ -1,0 +1,205 @@
+"""`iuq ablate`: every arm x seed of a study as an ordinary run directory, then the report.
+
+    DIR/runs/<arm>/seed<k>/        an `iuq train` run (iuq eval / iuq predict work on it); train.log
+    DIR/summaries/<arm>/seed<k>.json   final metrics, val AP curve, s/step, the command (small: commit it)
+    DIR/results.{md,csv,json,png}, DIR/curves.png   (iuq/study/report.py)
+
+Each run is its own `iuq train` process (the command is in its summary, so any row can be rerun
+alone). A finished run (summary present) is skipped; a killed one resumes from its last checkpoint;
+a run that failed before its first checkpoint starts again. The summaries carry a fingerprint of
+the resolved config, so a rerun into the same DIR with other settings stops with an error instead
+of mixing two studies.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from iuq.config import load_config
+from iuq.study.arms import Arm, study_arms
+from iuq.study.report import write_report
+
+
+class StudyError(RuntimeError):
+    """A run of the study failed or the output folder holds a different study."""
+
+
+def _value(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def run_overrides(arm: Arm, seed: int, user_sets: list[str]) -> list[str]:
+    """--set list of one run: the user's first, then the arm's and the seed (which win)."""
+    return [*user_sets, *(f"{k}={_value(v)}" for k, v in arm.overrides.items()), f"train.seed={seed}"]
+
+
+def fingerprint(config: Path, sets: list[str]) -> str:
+    """Hash of the resolved config without its output folder."""
+    resolved = load_config(config, sets).to_dict()
+    resolved.pop("out", None)
+    return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def val_curve(run_dir: Path) -> list[list[float]]:
+    """[[step, val AP], ...] from the run's CSV log."""
+    path = run_dir / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    curve = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("val/AP"):
+                curve[int(float(row["step"]))] = float(row["val/AP"])
+    return [[s, ap] for s, ap in sorted(curve.items())]
+
+
+def logged_means(run_dir: Path, prefixes=("train/loss_inter", "train/loss_equi", "diag/")) -> dict[str, float]:
+    """Mean over the run of the IUQ terms and diagnostics in the CSV log (the evidence's diagnosis)."""
+    path = run_dir / "logs" / "metrics.csv"
+    sums: dict[str, list[float]] = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                for key, value in row.items():
+                    if value and key.startswith(prefixes):
+                        sums.setdefault(key, []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
+
+
+def summarise(run_dir: Path, arm: Arm, seed: int, command: list[str], fp: str, minutes: float | None) -> dict:
+    with open(run_dir / "metrics.json") as f:
+        metrics = json.load(f)
+    timing = {}
+    if (run_dir / "timing.json").is_file():
+        with open(run_dir / "timing.json") as f:
+            timing = json.load(f)
+    return {
+        "arm": arm.name,
+        "seed": seed,
+        "metrics": metrics,
+        "val_curve": val_curve(run_dir),
+        "s_per_step": timing.get("s_per_step"),
+        "wall_minutes": minutes,
+        "logged_means": logged_means(run_dir),
+        "overrides": arm.overrides,
+        "fingerprint": fp,
+        "command": " ".join(command),
+    }
+
+
+def _train_command(config: Path, run_dir: Path, sets: list[str], resume: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "iuq.cli", "train", str(config), "--out", str(run_dir)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd + (["--resume"] if resume else [])
+
+
+def _shown(cmd: list[str]) -> list[str]:
+    """The command as a user types it (`iuq train ...`, without --resume)."""
+    return ["iuq", *[c for c in cmd[3:] if c != "--resume"]]
+
+
+def run_one(config: Path, out: Path, arm: Arm, seed: int, sets: list[str], fp: str) -> dict:
+    run_dir = out / "runs" / arm.name / f"seed{seed}"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not (run_dir / "metrics.json").is_file():
+        resume = last.is_file()
+        if run_dir.exists() and not resume:  # failed before its first checkpoint: nothing to keep
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = _train_command(config, run_dir, sets, resume)
+        start = time.perf_counter()
+        with open(run_dir / "train.log", "a") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0:
+            tail = (run_dir / "train.log").read_text().strip().splitlines()[-3:]
+            raise StudyError(f"arm {arm.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}: {tail}")
+        minutes = (time.perf_counter() - start) / 60
+    else:
+        minutes = None
+    cmd = _train_command(config, run_dir, sets, False)
+    return summarise(run_dir, arm, seed, _shown(cmd), fp, minutes)
+
+
+def ablate(
+    config: Path,
+    study: str,
+    seeds: int,
+    out: Path,
+    user_sets: list[str] | None = None,
+    arms: list[str] | None = None,
+    jobs: int = 1,
+    first_seed: int = 0,
+) -> dict:
+    """Run (or finish) a study and write its report; returns the report's data."""
+    if seeds < 1:
+        raise ValueError(f"--seeds: need at least 1, got {seeds}")
+    user_sets = list(user_sets or [])
+    chosen = study_arms(study, arms)
+    todo, summaries = [], []
+    for arm in chosen:
+        for seed in range(first_seed, first_seed + seeds):
+            sets = run_overrides(arm, seed, user_sets)
+            fp = fingerprint(config, sets)
+            path = out / "summaries" / arm.name / f"seed{seed}.json"
+            if path.is_file():
+                with open(path) as f:
+                    done = json.load(f)
+                if done.get("fingerprint") != fp:
+                    raise StudyError(
+                        f"{path} is a run of other settings than this command's (config or --set differ); "
+                        "use another --out, or delete that arm's summaries and runs to redo it"
+                    )
+                summaries.append(done)
+                print(f"arm {arm.name} seed {seed}: finished earlier (AP {done['metrics']['AP']:.2f}), skipped")
+                continue
+            todo.append((arm, seed, sets, fp, path))
+    total, finished, t0 = len(todo), 0, time.perf_counter()
+    print(f"study {study}: {len(chosen)} arms x {seeds} seeds, {total} run(s) to do, {jobs} at a time", flush=True)
+
+    def work(item):
+        arm, seed, sets, fp, path = item
+        summary = run_one(config, out, arm, seed, sets, fp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1)
+        return summary
+
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        futures = {pool.submit(work, item): item for item in todo}
+        for future in as_completed(futures):
+            summary = future.result()  # a failed run raises here, with its log's path
+            summaries.append(summary)
+            finished += 1
+            elapsed = (time.perf_counter() - t0) / 60
+            eta = elapsed / finished * (total - finished)
+            print(
+                f"[{finished}/{total}] arm {summary['arm']} seed {summary['seed']}: AP {summary['metrics']['AP']:.2f}"
+                f"  ({summary['wall_minutes'] or 0:.1f} min)  ETA {eta:.0f} min",
+                flush=True,
+            )
+    order = {a.name: i for i, a in enumerate(chosen)}
+    summaries.sort(key=lambda s: (order[s["arm"]], s["seed"]))
+    return write_report(out, study, chosen, summaries)
+
+
+def report_only(out: Path, study: str, arms: list[str] | None = None) -> dict:
+    """The report from the summaries under DIR/summaries alone (e.g. committed ones)."""
+    chosen = study_arms(study, arms)
+    summaries = []
+    for arm in chosen:
+        for path in sorted((out / "summaries" / arm.name).glob("seed*.json")):
+            with open(path) as f:
+                summaries.append(json.load(f))
+    if not summaries:
+        raise StudyError(f"{out / 'summaries'} holds no run summary of study {study!r}")
+    chosen = [a for a in chosen if any(s["arm"] == a.name for s in summaries)]
+    return write_report(out, study, chosen, summaries)
