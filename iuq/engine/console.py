@@ -118,27 +118,25 @@ class ProgressPrinter(L.Callback):
 
 class StepTimer(L.Callback):
     """Mean wall time of a training step (forward, backward, optimiser; evaluation left out), over
-    the steps of this process after the first `skip` (warm-up: allocations, lazy inits)."""
+    the steps of this process after the first `skip` (warm-up: allocations, lazy inits); over all of
+    them when the run is shorter than that."""
 
     def __init__(self, skip: int = 3):
-        self.skip, self.seen, self.total = skip, 0, 0.0
+        self.skip, self.times = skip, []
         self._t: float | None = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self._t is None:
-            return
-        self.seen += 1
-        if self.seen > self.skip:
-            self.total += time.perf_counter() - self._t
+        if self._t is not None:
+            self.times.append(time.perf_counter() - self._t)
 
     @property
     def timed_steps(self) -> int:
-        return max(self.seen - self.skip, 0)
+        return len(self.times[self.skip :] or self.times)
 
     @property
     def seconds_per_step(self) -> float | None:
-        return self.total / self.timed_steps if self.timed_steps else None
-
+        times = self.times[self.skip :] or self.times
+        return sum(times) / len(times) if times else None

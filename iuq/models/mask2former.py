@@ -3,8 +3,10 @@
 The model itself is `transformers.Mask2FormerForUniversalSegmentation`, unchanged. Its forward
 returns neither the per-query mask embeddings q_n nor the matching sigma, so the adapter:
 
-- recomputes q_n = mask_embedder(layernorm(transformer_decoder_last_hidden_state)), which is exactly
-  how the model forms `masks_queries_logits` from `pixel_decoder_last_hidden_state` (tested);
+- recomputes q_n = mask_embedder(h), with h the decoder's final layer-normed states caught by a
+  forward hook on its layer norm (the very tensor the model's own final masks and classes come
+  from, so gradients of every term meet there), which is exactly how the model forms
+  `masks_queries_logits` from `pixel_decoder_last_hidden_state` (tested);
 - captures sigma with a forward hook on `model.criterion.matcher`: the matcher samples random
   points, so a second call could disagree; its first call in a forward is the final layer's
   (auxiliary layers are matched by direct `forward` calls, which hooks do not see);
@@ -230,8 +232,8 @@ class SegmenterOutput:
     masks, so adding a view never dilutes another); loss_terms: the first view's unweighted terms
     (incl. auxiliary layers); view_losses: per view its weighted base loss (None: not computed).
     pixel_embeddings: [V*B, D, h, w] ("I" of the paper); stride: input pixels per embedding cell.
-    query_embeddings: [V*B, Q, D] q_n of every query; query_states: [V*B, Q, hidden] the decoder's
-    last hidden state they derive from (the point at which gradient shares at the queries are read);
+    query_embeddings: [V*B, Q, D] q_n of every query; query_states: [Q, V*B, hidden] the decoder's
+    final layer-normed states they derive from (where gradient shares at the queries are read);
     mask_logits [V*B, Q, h, w]; class_logits [V*B, Q, C+1].
     indices: per image (query indices, target indices), the model's own matching sigma.
     """
@@ -260,6 +262,7 @@ class Mask2FormerAdapter(nn.Module):
         self._caught: dict = {}
         model.criterion.matcher.register_forward_hook(self._catch_indices)
         model.criterion.register_forward_hook(self._catch_losses)
+        model.model.transformer_module.decoder.layernorm.register_forward_hook(self._catch_query_states)
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
 
@@ -280,10 +283,13 @@ class Mask2FormerAdapter(nn.Module):
         c = self.model.config
         return bce_dice_mask_loss(logits, targets, num_masks, bce_weight=c.mask_weight, dice_weight=c.dice_weight)
 
-    def query_embeddings(self, decoder_last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """[B, Q, hidden] -> q_n [B, Q, D], as the model's mask predictor forms them."""
-        decoder = self.model.model.transformer_module.decoder
-        return decoder.mask_predictor.mask_embedder(decoder.layernorm(decoder_last_hidden_state))
+    def _catch_query_states(self, module, args, output) -> None:
+        self._caught["query_states"] = output  # the decoder's layer norm: its last call is the final layer's
+
+    def query_embeddings(self, query_states: torch.Tensor) -> torch.Tensor:
+        """Final-layer states [Q, B, hidden] (seq-first, after the decoder's layer norm) -> q_n [B, Q, D],
+        as the model's mask predictor forms them."""
+        return self.model.model.transformer_module.decoder.mask_predictor.mask_embedder(query_states.transpose(0, 1))
 
     def forward(
         self,
@@ -309,6 +315,7 @@ class Mask2FormerAdapter(nn.Module):
             pixel_mask=pixel_mask.long() if pixel_mask is not None else None,
             output_auxiliary_logits=targets is not None,
         )
+        states = self._caught.pop("query_states")  # [Q, V*B, hidden], part of the loss's graph
         loss, terms, losses, indices = None, {}, None, None
         if targets is not None:
             losses, indices = [], []
@@ -335,12 +342,12 @@ class Mask2FormerAdapter(nn.Module):
             loss_terms=terms,
             pixel_embeddings=out.pixel_decoder_last_hidden_state,
             stride=self.stride,
-            query_embeddings=self.query_embeddings(out.transformer_decoder_last_hidden_state),
+            query_embeddings=self.query_embeddings(states),
             mask_logits=out.masks_queries_logits,
             class_logits=out.class_queries_logits,
             indices=indices,
             view_losses=losses,
-            query_states=out.transformer_decoder_last_hidden_state,
+            query_states=states,
         )
 
     @staticmethod

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from iuq.config import load_config
+from iuq.engine.train import prepare_data
 from iuq.study.arms import Arm, study_arms
 from iuq.study.report import write_report
 
@@ -162,6 +163,8 @@ def ablate(
                 print(f"arm {arm.name} seed {seed}: finished earlier (AP {done['metrics']['AP']:.2f}), skipped")
                 continue
             todo.append((arm, seed, sets, fp, path))
+    if todo:  # once, before runs start side by side and would each write the synthetic data
+        prepare_data(load_config(config, user_sets))
     total, finished, t0 = len(todo), 0, time.perf_counter()
     print(f"study {study}: {len(chosen)} arms x {seeds} seeds, {total} run(s) to do, {jobs} at a time", flush=True)
 

@@ -118,3 +118,33 @@ def test_images_without_instances():
     terms = result.terms
     assert terms["loss_mask"] == 0 and terms["loss_dice"] == 0 and terms["loss_inter"] == 0 and terms["loss_equi"] == 0
     assert terms["loss_cross_entropy"] > 0  # every query is trained toward "no object"
+
+
+READINGS = [
+    dict(crop_mode="stretch"),
+    dict(crop_mode="no_resize"),
+    dict(g_view_base_loss=True),
+    dict(g_augment=False),
+    dict(inter_batch_grad=True),
+    dict(inter_views="original"),
+    dict(inter_scale="mask_weight"),
+    dict(equi_variant="feature", crop_mode="no_resize"),
+]
+
+
+@pytest.mark.parametrize("switches", READINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_every_reading_gives_finite_losses_and_gradients(synth_dir, switches):
+    cfg = IUQConfig(memory_capacity=500, **switches)
+    ds, model, crit = _setup(synth_dir, cfg)
+    for step in range(2):
+        images, mask, targets, ids = _batch(ds, [2 * step, 2 * step + 1])
+        res = training_step(model, crit, images, mask, targets, ids, torch.Generator().manual_seed(step), diagnose=True)
+        assert torch.isfinite(res.loss) and all(torch.isfinite(v) for v in res.terms.values())
+        assert ("loss_base_g" in res.terms) == cfg.g_view_base_loss
+        res.loss.backward()
+        crit.update_memory(res.samples)
+    shares = {k: v for k, v in res.diagnostics.items() if k.startswith("grad_share/query/")}
+    assert set(shares) == {"grad_share/query/base", "grad_share/query/inter", "grad_share/query/equi"}
+    assert sum(shares.values()).item() == pytest.approx(1.0, abs=1e-5)
+    assert all(res.diagnostics[f"grad_norm/{p}/base"] > 0 for p in ("pixel", "query"))
+    assert 0 <= res.diagnostics["inter_fire_other_class"] <= 1

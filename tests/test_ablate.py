@@ -1,0 +1,73 @@
+"""`iuq ablate`: the statistics of the report by hand, and a small study end to end (resume, refusal
+to mix settings, every output written)."""
+
+import json
+import math
+
+import pytest
+
+from iuq.cli import main
+from iuq.study.arms import STUDIES, study_arms
+from iuq.study.report import mean_ci, paired
+from tests.engine.test_train import tiny_data, tiny_overrides  # noqa: F401 (fixture)
+
+
+def test_mean_ci_is_the_student_t_interval():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3))  # t(0.975, 2) * s / sqrt(n)
+    assert mean_ci([5.0]) == (5.0, None)
+
+
+def test_paired_difference_uses_the_common_seeds():
+    ref = [{"seed": s, "metrics": {"AP": v}} for s, v in [(0, 10.0), (1, 12.0), (2, 11.0)]]
+    arm = [{"seed": s, "metrics": {"AP": v}} for s, v in [(0, 11.0), (1, 14.0), (3, 50.0)]]
+    mean, half, n = paired(arm, ref, "AP")
+    assert n == 2 and mean == 1.5  # differences 1 and 2; seed 3 has no partner
+    assert half == pytest.approx(12.706204736174698 * math.sqrt(0.5) / math.sqrt(2))
+
+
+def test_every_study_has_its_reference_first_and_the_fair_augmentation():
+    assert set(STUDIES) == {"components", "inter_loss", "sampling", "capacity", "equivariance", "lambda", "readings"}
+    for name, arms in STUDIES.items():
+        assert arms[0].overrides.get("iuq.inter") is False and arms[0].overrides.get("iuq.equi") is False, name
+        assert len({a.name for a in arms}) == len(arms)
+    assert [a.name for a in study_arms("components")] == ["baseline", "inter", "equi", "both"]
+    assert [a.name for a in study_arms("components", ["both"])] == ["baseline", "both"]
+    assert all(a.overrides["iuq.g_augment"] for a in STUDIES["components"])
+    with pytest.raises(ValueError, match="--study"):
+        study_arms("nope")
+
+
+def test_a_small_study_runs_resumes_and_refuses_other_settings(tiny_data, tmp_path, capsys):  # noqa: F811
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    sets = tiny_overrides(tiny_data, tmp_path / "unused", **{"train.max_epochs": 1, "train.eval_every_epochs": 1})
+    sets.append("train.log_grad_share_every=1")
+    args = ["ablate", str(config), "--study", "components", "--arms", "both", "--seeds", "2", "--out"]
+    out = tmp_path / "study"
+    flags = [a for kv in sets for a in ("--set", kv)]
+    assert main([*args, str(out), *flags]) == 0
+    for name in ("results.md", "results.csv", "results.json", "results.png", "curves.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "results.json").read_text())
+    assert [(r["arm"], r["n"]) for r in report["arms"]] == [("baseline", 2), ("both", 2)]
+    for arm in ("baseline", "both"):
+        for seed in (0, 1):
+            assert (out / "runs" / arm / f"seed{seed}" / "metrics.json").is_file()
+            summary = json.loads((out / "summaries" / arm / f"seed{seed}.json").read_text())
+            assert summary["seed"] == seed and summary["val_curve"] and summary["s_per_step"] > 0
+            assert summary["command"].startswith(f"iuq train {config}")
+    both = json.loads((out / "summaries" / "both" / "seed0.json").read_text())["logged_means"]
+    assert "diag/grad_share/query/inter" in both and "train/loss_inter" in both
+    md = (out / "results.md").read_text()
+    assert "`both`" in md and "paper AP" in md and "38.1 (+2.6)" in md
+    capsys.readouterr()
+
+    mtime = (out / "runs" / "both" / "seed1" / "metrics.json").stat().st_mtime
+    assert main([*args, str(out), *flags]) == 0  # everything is finished: nothing runs again
+    assert capsys.readouterr().out.count("finished earlier") == 4
+    assert (out / "runs" / "both" / "seed1" / "metrics.json").stat().st_mtime == mtime
+
+    assert main([*args, str(out), *flags, "--set", "train.lr=0.002"]) == 2
+    assert "other settings" in capsys.readouterr().err
