@@ -33,7 +33,9 @@ def test_inter_scale_mask_weight_multiplies_by_the_base_mask_weight():
 
 def _fill_memory(crit, n=30, seed=1):
     g = torch.Generator().manual_seed(seed)
-    crit.memory.enqueue(PixelSamples(torch.randn(n, 6, generator=g), torch.rand(n, 2, generator=g), torch.arange(n) % 3))
+    crit.memory.enqueue(
+        PixelSamples(torch.randn(n, 6, generator=g), torch.rand(n, 2, generator=g), torch.arange(n) % 3)
+    )
 
 
 @pytest.mark.parametrize("views", ["all", "original"])
@@ -76,7 +78,11 @@ def test_inter_views_original_leaves_out_the_g_view_queries():
     ids = torch.tensor([10, 11])
     terms, samples = crit(emb, queries, targets, gt, ids, g=t, generator=torch.Generator().manual_seed(3))
     ref = inter_scene_loss_naive(
-        torch.cat(queries[:2]), torch.tensor([10, 10, 11, 11]), samples.embeddings, samples.image_ids, DotProductDecoder()
+        torch.cat(queries[:2]),
+        torch.tensor([10, 10, 11, 11]),
+        samples.embeddings,
+        samples.image_ids,
+        DotProductDecoder(),
     )
     assert terms["loss_inter"].item() == pytest.approx(ref.item(), abs=1e-6)
     (grad_g,) = torch.autograd.grad(terms["loss_inter"], [queries[2]], allow_unused=True)
@@ -93,7 +99,9 @@ def test_diagnostics_split_same_and_other_class_by_hand():
         torch.tensor([1, 2, 2, 2, 3]),
         torch.tensor([0, 0, 1, 1, -1]),
     )
-    out = inter_scene_diagnostics(q, torch.tensor([1]), torch.tensor([0]), neg, DotProductDecoder(), alpha=0.1, gamma=2.5)
+    out = inter_scene_diagnostics(
+        q, torch.tensor([1]), torch.tensor([0]), neg, DotProductDecoder(), alpha=0.1, gamma=2.5
+    )
 
     def focal0(x):  # target 0: (1 - alpha) * sigmoid(x)^gamma * softplus(x)
         s = 1 / (1 + math.exp(-x))
