@@ -71,3 +71,23 @@ def test_a_small_study_runs_resumes_and_refuses_other_settings(tiny_data, tmp_pa
 
     assert main([*args, str(out), *flags, "--set", "train.lr=0.002"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_regime_map_reports_paired_gains_per_regime(tmp_path):
+    from iuq.study.regime_map import write_map
+
+    def study(path, base, both):
+        runs = [{"arm": "baseline", "seed": s, "metrics": {"AP": v}} for s, v in enumerate(base)]
+        runs += [{"arm": "both", "seed": s, "metrics": {"AP": v}} for s, v in enumerate(both)]
+        path.mkdir()
+        (path / "results.json").write_text(json.dumps({"arms": [{"arm": "baseline"}, {"arm": "both"}], "runs": runs}))
+        return path
+
+    a = study(tmp_path / "a", [10.0, 11.0, 12.0], [12.0, 13.0, 14.0])  # +2 on every seed: CI of width 0
+    b = study(tmp_path / "b", [10.0, 11.0, 12.0], [9.0, 12.0, 11.0])  # -1, +1, -1
+    write_map(tmp_path / "map.md", {"alike": a, "unique": b})
+    text = (tmp_path / "map.md").read_text()
+    assert "| alike | 11.00 | +2.00 ± 0.00 ▲ |" in text
+    half = 4.302652729911275 * math.sqrt(4 / 3) / math.sqrt(3)  # diffs -1, 1, -1: sd = sqrt(4/3)
+    assert f"| unique | 11.00 | -0.33 ± {half:.2f} |" in text
+    assert (tmp_path / "map.png").is_file()
