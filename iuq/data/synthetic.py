@@ -47,7 +47,10 @@ class SynthConfig:
     colour_by_class: bool = False  # True: every instance of a class has the same colour (easy classes,
     # instances of a class even more alike); False: colours are drawn independently of the class
     unique_colour: bool = False  # True: every instance gets its own colour, uniform in RGB (overrides
-    # colour_by_class): instances differ across the dataset, so dataset-level uniqueness is well-posed
+    # colour_by_class; classes are then told by shape alone)
+    instance_texture: bool = False  # True: every instance carries its own stripe texture (orientation,
+    # period, phase, contrast) and brightness on top of its colour: instances differ across the
+    # dataset, so dataset-level uniqueness is well-posed, while the class colour stays
 
 
 def _shape_polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -126,6 +129,11 @@ def _scene(rng: np.random.Generator, cfg: SynthConfig) -> tuple[np.ndarray, list
         # Soft shading centred off-centre: a weak per-instance cue, as lighting gives in real scenes.
         lx, ly = cx + rng.uniform(-r, r) / 2, cy + rng.uniform(-r, r) / 2
         shade = 1.15 - 0.35 * np.clip(np.hypot(xx - lx, yy - ly) / (1.5 * r), 0, 1)
+        if cfg.instance_texture:  # extra draws only here, as above
+            theta, period = rng.uniform(0, math.pi), rng.uniform(3.0, 9.0)
+            phase, contrast = rng.uniform(0, 2 * math.pi), rng.uniform(0.2, 0.45)
+            u = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)
+            shade = shade * rng.uniform(0.7, 1.2) * (1 + contrast * np.sin(2 * math.pi * u / period + phase))
         image = np.where(full[..., None], colour * shade[..., None], image)
         objects.append({"cls": cls, "cx": cx, "cy": cy, "r": r, "area": area})
     image = np.clip(image + rng.normal(0, 4, size=image.shape), 0, 255).astype(np.uint8)
