@@ -66,3 +66,15 @@ def write_tiny_coco(tmp_path: Path, annotations: list[dict], size=(20, 30), imag
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(data))
     return ann, img_dir
+
+
+def spawn_two_ranks(worker, out) -> None:
+    """Run worker(rank, 2, port, str(out)) in two processes that can form a gloo group on a free port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(2, port, str(out)), nprocs=2, join=True)

@@ -2,10 +2,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from iuq.core.memory import PixelMemory
 from iuq.core.sampling import PixelSamples
+from tests.conftest import spawn_two_ranks
 
 
 def _samples(values, image_id=0):
@@ -56,12 +56,7 @@ def _worker(rank, world, port, out):
 
 
 def test_two_process_gloo_ranks_hold_identical_memory(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_two_ranks(_worker, tmp_path)
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -1,12 +1,9 @@
 """The step's view plumbing: G as augmentation, which views get the base loss, L_equi's normaliser
 (with a fake base model that records what it is given), and gradient shares on a constructed case."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from iuq.core.config import IUQConfig
 from iuq.core.criterion import IUQCriterion
@@ -14,6 +11,7 @@ from iuq.core.decoders import DotProductDecoder
 from iuq.core.losses import dice_loss
 from iuq.engine.step import draw_g, gradient_shares, mean_mask_count, training_step, transformed_views
 from iuq.models.mask2former import SegmenterOutput
+from tests.conftest import spawn_two_ranks
 
 
 class RecordingModel:
@@ -116,10 +114,7 @@ def _count_worker(rank, world, port, out):
 
 
 def test_equi_normaliser_is_averaged_over_ranks_like_the_base_loss(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_count_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_two_ranks(_count_worker, tmp_path)
     # (3 + 0) / 2 ranks = 1.5 on both: the rank without masks does not divide by its own 0 (or 1).
     assert [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)] == [1.5, 1.5]
     assert mean_mask_count([{"labels": torch.zeros(0)}], "cpu") == 1.0  # at least 1, single process
