@@ -117,7 +117,7 @@ class BatchTransform:
         p2 = self.apply_points(boxes[:, 2:] / norm[:2], index)
         hi = self.extent[index] if self.extent is not None else torch.ones_like(p1)
         lo, up = torch.minimum(p1, p2), torch.maximum(p1, p2)
-        out = torch.cat([torch.minimum(torch.maximum(lo, 0 * lo), hi), torch.minimum(torch.maximum(up, 0 * up), hi)], 1)
+        out = torch.cat([lo.clamp(min=0).minimum(hi), up.clamp(min=0).minimum(hi)], 1)
         return out * norm
 
 
