@@ -27,7 +27,8 @@ from iuq.data.coco import CocoInstances
 from iuq.data.synthetic import SynthConfig, generate
 from iuq.data.transforms import collate
 from iuq.engine.step import training_step
-from iuq.models.mask2former import Mask2FormerAdapter, Mask2FormerModelConfig, build_mask2former
+from iuq.models.config import ModelConfig
+from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     # The small random-init ResNet of the figures in docs/benchmarks.md (--config picks any other model).
-    model_cfg = Mask2FormerModelConfig(backbone="resnet", num_labels=4)
+    model_cfg = ModelConfig(backbone="resnet", num_labels=4)
     iuq_cfg = IUQConfig(memory_capacity=args.memory)
     synth = {}
     if args.config:

@@ -20,7 +20,7 @@ import yaml
 
 from iuq.core.config import IUQConfig
 from iuq.data.synthetic import SynthConfig
-from iuq.models.mask2former import Mask2FormerModelConfig
+from iuq.models.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -170,7 +170,7 @@ class RunConfig:
     """A whole run: `iuq train CONFIG` reads one of these."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: Mask2FormerModelConfig = field(default_factory=Mask2FormerModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     iuq: IUQConfig = field(default_factory=IUQConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -158,9 +158,10 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_predict_on_a_corrupt_image_names_it(capsys, tmp_path):
     from iuq.engine.inference import save_model_dir
-    from iuq.models.mask2former import Mask2FormerAdapter, Mask2FormerModelConfig, build_mask2former
+    from iuq.models.config import ModelConfig
+    from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former
 
-    cfg = Mask2FormerModelConfig(backbone="resnet", backbone_widths=[8, 16, 16, 16], num_labels=1, num_queries=4)
+    cfg = ModelConfig(backbone="resnet", backbone_widths=[8, 16, 16, 16], num_labels=1, num_queries=4)
     save_model_dir(Mask2FormerAdapter(build_mask2former(cfg)), tmp_path / "model", [1], ["nucleus"], 64, 64)
     bad = tmp_path / "tile.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n cut short")

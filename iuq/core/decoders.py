@@ -34,7 +34,9 @@ class DynamicConvDecoder(nn.Module):
         in_channels: pixel feature channels (8 in CondInst).
         widths: hidden widths and the output width.
         soi: size of interest used to scale relative coordinates; a scalar, or per query via
-            `query_xy[:, 2]` when query_xy has 3 columns (x, y, soi).
+            `query_xy[:, 2]` when query_xy has 3 columns (x, y, soi), or per query and axis via
+            `query_xy[:, 2:4]` when it has 4 (x, y, soi_x, soi_y: a size of interest in pixels over
+            the canvas width and height, when coordinates are fractions of a non-square canvas).
     """
 
     uses_coordinates = True
@@ -59,16 +61,20 @@ class DynamicConvDecoder(nn.Module):
         return list(zip(weights, parts[n:], strict=True))
 
     def forward(self, queries, pixels, pixel_xy, query_xy) -> torch.Tensor:
-        """queries [Q, 169], pixels [P, 8], pixel_xy [P, 2], query_xy [Q, 2 or 3] -> logits [Q, P]."""
+        """queries [Q, 169], pixels [P, 8], pixel_xy [P, 2], query_xy [Q, 2, 3 or 4] -> logits [Q, P]."""
         if pixel_xy is None or query_xy is None:
             raise ValueError("DynamicConvDecoder needs pixel_xy and query_xy (relative coordinates)")
-        soi = query_xy[:, 2:3] if query_xy.shape[1] == 3 else self.soi  # [Q, 1] or scalar
-        rel = (query_xy[:, None, :2] - pixel_xy[None]) / (soi[:, :, None] if torch.is_tensor(soi) else soi)
-        feats = pixels[None].expand(queries.shape[0], -1, -1)  # [Q, P, 8]
-        x = torch.cat([rel.to(pixels.dtype), feats], dim=-1)  # [Q, P, 10]
+        q = queries.shape[0]
+        soi = query_xy[:, 2:] if query_xy.shape[1] > 2 else query_xy.new_full((q, 1), self.soi)  # [Q, 1 or 2]
         layers = self.split_params(queries)
-        for k, (w, b) in enumerate(layers):
-            x = torch.baddbmm(b[:, None, :], x, w.transpose(1, 2))  # [Q, P, out]
-            if k < len(layers) - 1:
-                x = F.relu(x)
+        # Layer 1 on [rel, feats] with rel = (q_xy - p_xy) / soi is affine in [p_xy, feats]: a per-query
+        # constant plus [P, 10] x [Q, 10, out], so the [Q, P, 10] input is never built.
+        w1, b1 = layers[0]  # [Q, out, 10], [Q, out]
+        w_xy = w1[:, :, :2] / soi[:, None, :].to(w1.dtype)  # [Q, out, 2]
+        const = b1 + (w_xy * query_xy[:, None, :2].to(w1.dtype)).sum(-1)  # [Q, out]
+        per_query = torch.cat([-w_xy, w1[:, :, 2:]], dim=2)  # [Q, out, 10] on [p_xy, feats]
+        z = torch.cat([pixel_xy.to(pixels.dtype), pixels], dim=1)  # [P, 10]
+        x = torch.matmul(z[None], per_query.transpose(1, 2).to(z.dtype)) + const[:, None, :].to(z.dtype)  # [Q, P, out]
+        for w, b in layers[1:]:
+            x = torch.baddbmm(b[:, None, :], F.relu(x), w.transpose(1, 2))  # [Q, P, out]
         return x[..., 0]  # [Q, P]

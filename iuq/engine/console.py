@@ -65,17 +65,24 @@ def run_summary(cfg, train_size: int, val_size: int | None, device: str, world_s
         start = f"whole checkpoint {m.pretrained}"
     elif m.backbone == "hf":
         start = f"backbone {m.backbone_checkpoint}"
-    elif m.backbone.startswith("efficientnet"):
+    elif m.backbone in ("resnet50", "resnet101") and m.backbone_checkpoint:
+        start = f"{m.backbone} ({m.backbone_checkpoint})"
+    elif m.backbone.startswith("efficientnet") or m.backbone in ("resnet50", "resnet101"):
         start = f"{m.backbone} ({'ImageNet weights' if m.backbone_weights == 'imagenet' else 'random init'})"
     else:
         start = f"{m.backbone} (random init)"
+    head = {
+        "mask2former": f"Mask2Former ({m.num_queries} queries)",
+        "condinst": "CondInst (FCOS P3-P7, 169 dynamic parameters)",
+        "solov2": f"SOLOv2 (grids {'/'.join(str(s) for s in m.solov2.grids)})",
+    }[m.type]
     terms = [name for name, on in (("L_inter", q.inter), ("L_equi", q.equi)) if on]
     length = f"{t.max_steps} steps" if t.max_steps is not None else f"{t.max_epochs} epochs"
     val = f", val {val_size} images" if val_size is not None else ", no val split"
     return "\n".join(
         [
             f"data     train {train_size} images{val}; batch {d.batch_size} x {world_size} device(s)",
-            f"model    Mask2Former, {start}, {m.num_queries} queries{', frozen BN' if m.freeze_bn else ''}",
+            f"model    {head}, {start}{', frozen BN' if m.freeze_bn else ''}",
             f"method   {'IUQ: ' + ' + '.join(terms) if terms else 'baseline (IUQ off)'}",
             f"train    {length}, {t.optimizer} lr {t.lr:g} (backbone x{t.backbone_lr_mult:g}), {t.schedule}, "
             f"warm-up {t.warmup_steps}, seed {t.seed}, on {device}",

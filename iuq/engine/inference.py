@@ -1,8 +1,11 @@
 """Trained models for evaluation and prediction: from a run checkpoint or a `model/` directory.
 
-A `model/` directory is what `save_pretrained` wrote (config.json, model.safetensors) plus the
-image processor's `preprocessor_config.json` (test-time resize); the COCO category id of each label
-is kept in the model config as `coco_category_ids`, so plain transformers users have it too.
+A Mask2Former's `model/` directory is what `save_pretrained` wrote (config.json, model.safetensors)
+plus the image processor's `preprocessor_config.json` (test-time resize); the COCO category id of
+each label is kept in the model config as `coco_category_ids`, so plain transformers users have it
+too. A CondInst's or SOLOv2's is `config.json` (`iuq_model_type`, the run's `model` section, labels,
+category ids, test-time size) and `model.safetensors` (the state dict, loadable with
+`safetensors.torch.load_file` into `iuq.models.build.build_model(config)`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from iuq.data.coco import CocoInstances, DatasetError
 from iuq.engine.data import ResizeShortSide, test_loader
 from iuq.evaluation.coco_eval import CocoMaskEvaluator
 from iuq.models.backbones import with_plain_batchnorm
-from iuq.models.mask2former import IMAGENET_MEAN, IMAGENET_STD, Mask2FormerAdapter, instance_predictions
+from iuq.models.mask2former import IMAGENET_MEAN, IMAGENET_STD, Mask2FormerAdapter
 
 
 class CheckpointError(ValueError):
@@ -27,7 +30,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class TrainedModel:
-    model: Mask2FormerAdapter
+    model: torch.nn.Module  # a base model of `iuq.models.build` (Mask2FormerAdapter, CondInst, SOLOv2)
     label_to_category: list[int]
     class_names: list[str]
     short_side: int
@@ -55,7 +58,7 @@ def load_trained(path: str | Path) -> TrainedModel:
     ckpt = load_checkpoint(path)
     if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not an iuq training checkpoint (no hyper_parameters / state_dict)")
-    module = IUQModule(**dict(ckpt["hyper_parameters"]), hf_config=ckpt.get("hf_config"))
+    module = IUQModule(**dict(ckpt["hyper_parameters"]), hf_config=ckpt.get("hf_config"), load_weights=False)
     module.load_state_dict(ckpt["state_dict"])
     cfg = module.cfg
     return TrainedModel(
@@ -73,6 +76,12 @@ def _from_model_dir(path: Path) -> TrainedModel:
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a directory written by save_pretrained")
+    try:
+        settings = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from e
+    if "iuq_model_type" in settings:
+        return _dense_from_model_dir(path, settings)
     model = Mask2FormerForUniversalSegmentation.from_pretrained(path)
     config = model.config
     n = config.num_labels
@@ -99,8 +108,34 @@ def _from_model_dir(path: Path) -> TrainedModel:
     return TrainedModel(Mask2FormerAdapter(model, mean, std).eval(), categories, names, short, longest)
 
 
-def save_model_dir(adapter: Mask2FormerAdapter, path: str | Path, label_to_category, class_names, short_side, max_size):
-    """`save_pretrained` of the plain HF model, with label names, category ids and the processor."""
+def _dense_from_model_dir(path: Path, settings: dict) -> TrainedModel:
+    from safetensors.torch import load_file
+
+    from iuq.config import ConfigError, from_dict
+    from iuq.models.build import build_model
+    from iuq.models.config import ModelConfig
+
+    try:
+        cfg = from_dict(ModelConfig, settings["model"], "model")
+        categories, names = settings["coco_category_ids"], settings["class_names"]
+        short, longest = settings["test_short_side"], settings["max_size"]
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: not an iuq model config ({type(e).__name__}: {e})") from e
+    model = build_model(cfg, load_weights=False)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors beside config.json")
+    model.load_state_dict(load_file(weights))
+    return TrainedModel(model.eval(), categories, names, short, longest)
+
+
+def save_model_dir(model, path: str | Path, label_to_category, class_names, short_side, max_size):
+    """The trained model in `path`: Mask2Former as `save_pretrained` of the plain HF model with label
+    names, category ids and the processor; CondInst / SOLOv2 as config.json + model.safetensors."""
+    if not isinstance(model, Mask2FormerAdapter):
+        _save_dense_model_dir(model, Path(path), label_to_category, class_names, short_side, max_size)
+        return
+    adapter = model
     from transformers import Mask2FormerImageProcessor
 
     model = with_plain_batchnorm(adapter.model)
@@ -118,12 +153,30 @@ def save_model_dir(adapter: Mask2FormerAdapter, path: str | Path, label_to_categ
     processor.save_pretrained(path)
 
 
-def batch_instances(model: Mask2FormerAdapter, batch: dict, top_k: int) -> list[dict]:
+def _save_dense_model_dir(model, path: Path, label_to_category, class_names, short_side, max_size) -> None:
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "iuq_model_type": model.model_cfg.type,
+        "model": {**asdict(model.model_cfg), "num_labels": len(class_names)},
+        "class_names": list(class_names),
+        "coco_category_ids": list(label_to_category),
+        "test_short_side": short_side,
+        "max_size": max_size,
+    }
+    (path / "config.json").write_text(json.dumps(settings, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, path / "model.safetensors")
+
+
+def batch_instances(model, batch: dict, top_k: int) -> list[dict]:
     """Instance predictions, at each image's original size, of a collated batch on the model's device."""
-    out = model(batch["images"], batch["pixel_mask"])
     sizes = [t["size"] for t in batch["targets"]]
     orig = [tuple(int(v) for v in t["orig_size"]) for t in batch["targets"]]
-    return instance_predictions(out, sizes, orig, top_k=top_k)
+    return model.predict_instances(batch["images"], batch["pixel_mask"], sizes, orig, top_k=top_k)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The LightningModule: a base segmenter (Mask2Former) trained with or without IUQ.
+"""The LightningModule: a base segmenter (`model.type`) trained with or without IUQ.
 
 Per step: `iuq.engine.step.training_step` (views, one forward, base + IUQ losses), a finiteness
 check of every term, logging, and, after the optimiser step, the memory update. The randomness of a
@@ -20,7 +20,7 @@ from iuq.core.criterion import IUQCriterion
 from iuq.engine.inference import batch_instances
 from iuq.engine.step import NonFiniteLossError, training_step
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results
-from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former, mask2former_from_config
+from iuq.models.build import build_model
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
@@ -42,27 +42,29 @@ class IUQModule(L.LightningModule):
     config: a `RunConfig` as a plain dict (kept in the checkpoint's hyper-parameters).
     label_to_category: COCO category id of each contiguous label (from the training set).
     class_names: name of each label.
-    hf_config: the HF model config saved in a checkpoint; given, the model is built from it at random
-        init (its weights follow from the checkpoint), with no hub or weights package involved.
+    hf_config: the HF model config a Mask2Former checkpoint holds; given, the model is built from it.
+    load_weights: load pretrained weights when building the model (False when a checkpoint's
+        weights are about to fill it: no hub or weights package is involved).
     """
 
     def __init__(
-        self, config: dict, label_to_category: list[int], class_names: list[str], hf_config: dict | None = None
+        self,
+        config: dict,
+        label_to_category: list[int],
+        class_names: list[str],
+        hf_config: dict | None = None,
+        load_weights: bool = True,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["hf_config"])
+        self.save_hyperparameters(ignore=["hf_config", "load_weights"])
         self.cfg: RunConfig = from_dict(RunConfig, config)
         self.cfg.model.num_labels = len(label_to_category)
-        m = self.cfg.model
-        hf_model = build_mask2former(m) if hf_config is None else mask2former_from_config(hf_config, m.freeze_bn)
-        self.model = Mask2FormerAdapter(hf_model, m.image_mean, m.image_std)
+        self.model = build_model(self.cfg.model, load_weights and hf_config is None, hf_config)
         iuq = self.cfg.iuq
         self.criterion = None
         if iuq.inter or iuq.equi:
-            pixel_dim = self.model.model.config.mask_feature_size
-            self.criterion = IUQCriterion(
-                iuq, self.model.decoder, pixel_dim, self.model.mask_loss, self.model.mask_loss_weight
-            )
+            m = self.model
+            self.criterion = IUQCriterion(iuq, m.decoder, m.pixel_dim, m.mask_loss, m.mask_loss_weight)
         self.label_to_category = list(label_to_category)
         self.class_names = list(class_names)
         self.evaluator: CocoMaskEvaluator | None = None  # set by the trainer when there is a val split
@@ -111,8 +113,10 @@ class IUQModule(L.LightningModule):
         return result.loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The architecture itself, so that a checkpoint loads without the hub or the weights packages.
-        checkpoint["hf_config"] = self.model.model.config.to_dict()
+        # Mask2Former's architecture itself, so that a checkpoint loads without the hub (CondInst and
+        # SOLOv2 are built from the run config alone).
+        if self.cfg.model.type == "mask2former":
+            checkpoint["hf_config"] = self.model.model.config.to_dict()
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -124,7 +128,7 @@ class IUQModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.cfg.train
-        backbone = [p for n, p in self.named_parameters() if ".pixel_level_module.encoder." in n and p.requires_grad]
+        backbone = [p for p in self.model.backbone_module().parameters() if p.requires_grad]
         ids = {id(p) for p in backbone}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": rest, "lr": t.lr}, {"params": backbone, "lr": t.lr * t.backbone_lr_mult}]

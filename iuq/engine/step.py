@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from iuq.core.config import IUQConfig
 from iuq.core.criterion import IUQCriterion
@@ -69,17 +68,6 @@ def valid_fraction(pixel_mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([w, h], dim=1)
 
 
-def mean_mask_count(targets: list[dict], device) -> float:
-    """Number of target masks averaged over ranks, at least 1: the normaliser the base model uses for
-    its mask loss (HF Mask2Former's `get_num_masks`), so L_equi is a per-mask mean like it."""
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    world = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-        world = dist.get_world_size()
-    return max(float(count) / world, 1.0)
-
-
 def gradient_shares(parts: dict[str, torch.Tensor], points: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """For each weighted loss part and each point of the graph: the norm of the part's gradient there,
     and its share of the sum of norms over parts (`grad_norm/<point>/<part>`, `grad_share/...`)."""
@@ -107,7 +95,7 @@ def training_step(
     cfg: IUQConfig | None = None,
     diagnose: bool = False,
 ) -> StepResult:
-    """Base model (an adapter such as `Mask2FormerAdapter`) plus IUQ on one padded batch.
+    """Base model (`iuq.models.build.build_model`) plus IUQ on one padded batch.
 
     `criterion=None` is the plain baseline; `cfg` (default: the criterion's) still decides
     `g_augment`, so a baseline can train with G as augmentation. With `criterion.cfg.equi` the batch
@@ -143,6 +131,7 @@ def training_step(
             seed = int(torch.randint(0, 2**62, (), generator=generator))
             sample_generator = torch.Generator(device=images.device).manual_seed(seed)
         queries, masks, labels = model.matched(out, all_targets)
+        g_targets = all_targets[b:]
         valid_g = None
         if g is not None:
             valid_g = downsample_masks(all_mask[b:], out.pixel_embeddings.shape[-2:])  # [B, h, w]
@@ -153,7 +142,8 @@ def training_step(
             [t["masks"] for t in targets],
             image_ids,
             g=g,
-            num_masks=mean_mask_count(all_targets[b:], images.device) if g is not None else None,
+            query_xy=out.query_xy,
+            num_masks=model.equi_normaliser(queries[b:], g_targets) if g is not None else None,
             generator=sample_generator,
             gt_labels=[t["labels"] for t in targets],
             valid_g=valid_g,

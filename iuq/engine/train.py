@@ -221,7 +221,12 @@ def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out
     adapter = module.model.eval()
     device = next(adapter.parameters()).device  # evaluate where it trained (the GPU on GPU runs)
     save_model_dir(adapter, out / "model", module.label_to_category, module.class_names, d.test_short_side, d.max_size)
-    print(f"model written to {out / 'model'} (loads with Mask2FormerForUniversalSegmentation.from_pretrained)")
+    how = {
+        "mask2former": "loads with Mask2FormerForUniversalSegmentation.from_pretrained",
+        "condinst": "config.json + model.safetensors; iuq eval / predict take it",
+        "solov2": "config.json + model.safetensors; iuq eval / predict take it",
+    }[cfg.model.type]
+    print(f"model written to {out / 'model'} ({how})")
     if val_set is None:
         return None
     trained = TrainedModel(

@@ -1,6 +1,6 @@
 """Backbones of the Mask2Former, as HF backbone configs, and where their weights come from.
 
-Three origins, chosen by `model.backbone` (see `Mask2FormerModelConfig`):
+Three origins, chosen by `model.backbone` (see `ModelConfig`):
 
 - `efficientnet_lite0/1/2`: timm's EfficientNet-Lite run inside HF Mask2Former through a
   `TimmBackboneConfig` *object* (the bare name string would make transformers query the hub). With
@@ -54,6 +54,30 @@ def timm_backbone_config(name: str):
 
     # out_indices 1..4 of timm's feature pyramid are strides 4..32 (index 0 is stride 2).
     return TimmBackboneConfig(backbone=name, out_indices=(1, 2, 3, 4), use_pretrained_backbone=False)
+
+
+def small_backbone_config(cfg):
+    """A small HF ResNet or Swin backbone config at random init, sized by the model config's
+    `backbone` ("resnet" / "swin"), `backbone_widths`, `backbone_depths`, `resnet_layer_type`,
+    `swin_embed_dim` and `swin_heads` (tests and toy data)."""
+    from transformers import ResNetConfig, SwinConfig
+
+    if cfg.backbone == "resnet":
+        bottleneck = cfg.resnet_layer_type == "bottleneck"
+        return ResNetConfig(
+            embedding_size=cfg.backbone_widths[0] // 4 if bottleneck else cfg.backbone_widths[0],
+            hidden_sizes=list(cfg.backbone_widths),
+            depths=list(cfg.backbone_depths),
+            layer_type=cfg.resnet_layer_type,
+            out_features=STAGES,
+        )
+    return SwinConfig(
+        embed_dim=cfg.swin_embed_dim,
+        depths=list(cfg.backbone_depths),
+        num_heads=list(cfg.swin_heads),
+        window_size=7,
+        out_features=STAGES,
+    )
 
 
 def hf_backbone_config(checkpoint: str):

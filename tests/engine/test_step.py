@@ -8,7 +8,8 @@ from iuq.core.criterion import IUQCriterion
 from iuq.data.coco import CocoInstances
 from iuq.data.transforms import collate
 from iuq.engine.step import training_step
-from iuq.models.mask2former import Mask2FormerAdapter, Mask2FormerModelConfig, build_mask2former
+from iuq.models.config import ModelConfig
+from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former
 
 
 def _setup(synth_dir, cfg: IUQConfig | None, seed=0):
@@ -16,9 +17,7 @@ def _setup(synth_dir, cfg: IUQConfig | None, seed=0):
     ds = CocoInstances(synth_dir / "annotations" / "instances_train.json", synth_dir / "train")
     model = Mask2FormerAdapter(
         build_mask2former(
-            Mask2FormerModelConfig(
-                backbone="resnet", num_labels=len(ds.category_ids), num_queries=20, train_num_points=256
-            )
+            ModelConfig(backbone="resnet", num_labels=len(ds.category_ids), num_queries=20, train_num_points=256)
         )
     )
     crit = None if cfg is None else IUQCriterion(cfg, model.decoder, 64, model.mask_loss)
@@ -98,7 +97,7 @@ def test_images_without_instances():
     """Negatives (images with no annotation) train: finite losses; an all-empty batch has only L_ce."""
     torch.manual_seed(0)
     model = Mask2FormerAdapter(
-        build_mask2former(Mask2FormerModelConfig(backbone="resnet", num_labels=4, num_queries=8, train_num_points=64))
+        build_mask2former(ModelConfig(backbone="resnet", num_labels=4, num_queries=8, train_num_points=64))
     )
     crit = IUQCriterion(IUQConfig(memory_capacity=100), model.decoder, 64, model.mask_loss)
     images, pixel_mask = torch.rand(2, 3, 64, 64), torch.ones(2, 64, 64, dtype=torch.bool)

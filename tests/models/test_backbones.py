@@ -13,7 +13,7 @@ from iuq.models.backbones import (
 )
 from iuq.models.mask2former import (
     Mask2FormerAdapter,
-    Mask2FormerModelConfig,
+    ModelConfig,
     backbone_module,
     build_mask2former,
 )
@@ -27,7 +27,7 @@ def _small(**kw):
     base = dict(num_labels=2, num_queries=6, hidden_dim=32, mask_feature_size=32, encoder_layers=1, decoder_layers=1)
     base.update(train_num_points=64, heads=2, ffn_dim=32)
     base.update(kw)
-    return build_mask2former(Mask2FormerModelConfig(**base))
+    return build_mask2former(ModelConfig(**base))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def _imagenet_top5(image_path) -> list[int]:
     model = timm.create_model("efficientnet_lite0", pretrained=False)
     model.load_state_dict(efficientnet_lite_state_dict("efficientnet_lite0"))
     model.eval()
-    cfg = Mask2FormerModelConfig()
+    cfg = ModelConfig()
     x = F.to_tensor(F.center_crop(F.resize(Image.open(image_path).convert("RGB"), 256), 224))
     x = F.normalize(x, cfg.image_mean, cfg.image_std)[None]
     with torch.no_grad():
@@ -123,12 +123,12 @@ def test_a_missing_hf_backbone_names_the_config_key(tmp_path):
 
 def test_hf_backbone_requires_a_checkpoint():
     with pytest.raises(ValueError, match="model.backbone_checkpoint"):
-        Mask2FormerModelConfig(backbone="hf")
+        ModelConfig(backbone="hf")
 
 
 def test_every_module_trains_after_loading_a_pretrained_checkpoint(tmp_path, lite0):
     lite0.save_pretrained(tmp_path / "m2f")  # from_pretrained returns a model in eval mode
-    loaded = build_mask2former(Mask2FormerModelConfig(pretrained=str(tmp_path / "m2f"), num_labels=2))
+    loaded = build_mask2former(ModelConfig(pretrained=str(tmp_path / "m2f"), num_labels=2))
     assert all(m.training for m in loaded.modules())
     assert all(m.training for m in lite0.modules())
 
@@ -172,6 +172,6 @@ def test_exported_pretrained_model_loads_in_plain_transformers(tmp_path, lite0):
     save_model_dir(Mask2FormerAdapter(lite0).eval(), tmp_path / "model", [7, 9], ["a", "b"], 256, 256)
     assert plain_transformers_max_diff(tmp_path / "model", lite0, tmp_path) == 0.0
     processor = json.loads((tmp_path / "model" / "preprocessor_config.json").read_text())
-    cfg = Mask2FormerModelConfig()
+    cfg = ModelConfig()
     assert processor["image_mean"] == pytest.approx(cfg.image_mean)
     assert processor["image_std"] == pytest.approx(cfg.image_std)

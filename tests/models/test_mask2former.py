@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from iuq.models.mask2former import Mask2FormerAdapter, Mask2FormerModelConfig, build_mask2former
+from iuq.models.config import ModelConfig
+from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former
 from tests.conftest import plain_transformers_max_diff
 
 
 def _tiny(backbone="resnet", seed=0):
     torch.manual_seed(seed)
-    cfg = Mask2FormerModelConfig(backbone=backbone, num_labels=4, num_queries=12, train_num_points=256)
+    cfg = ModelConfig(backbone=backbone, num_labels=4, num_queries=12, train_num_points=256)
     return Mask2FormerAdapter(build_mask2former(cfg))
 
 
@@ -122,7 +123,7 @@ def test_pretrained_checkpoint_is_loaded_with_a_new_class_layer(tmp_path):
     """model.pretrained: every weight comes from the checkpoint except the re-sized class layer."""
     source = _tiny()  # 4 labels
     source.model.save_pretrained(tmp_path / "m2f")
-    cfg = Mask2FormerModelConfig(pretrained=str(tmp_path / "m2f"), num_labels=7)
+    cfg = ModelConfig(pretrained=str(tmp_path / "m2f"), num_labels=7)
     loaded = build_mask2former(cfg)
     assert loaded.config.num_labels == 7 and loaded.class_predictor.out_features == 8
     a, b = source.model.state_dict(), loaded.state_dict()

@@ -1,0 +1,119 @@
+"""What CondInst and SOLOv2 share: their output for iuq, the per-view loop, and small parts.
+
+Both are dense segmenters: every location (CondInst) or grid cell (SOLOv2) of a feature map
+predicts a class and the parameters of a mask decoder; the locations assigned to an instance are
+its matched queries (sigma is the assignment, not a Hungarian matching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DenseOutput:
+    """One forward of a dense segmenter on V views of B images (view-major), as iuq reads it.
+
+    loss: the base loss summed over the views that get one (each normalised over its own
+    positives); loss_terms: the first view's unweighted terms; view_losses: per view its loss (None:
+    not computed). pixel_embeddings [V*B, D, h, w]: what masks are decoded from; stride: input pixels
+    per embedding cell. queries: per image [Q_i, d], the matched queries (positive locations' decoder
+    parameters), and query_states [sum Q_i, d] the one tensor they are rows of; gt: per image [Q_i]
+    the instance each query is assigned to; query_xy: per image [Q_i, 4] (x, y, soi_x, soi_y) in
+    units of the padded canvas for decoders with coordinates, else None. head: the raw head outputs
+    inference reads.
+    """
+
+    loss: torch.Tensor | None
+    loss_terms: dict[str, torch.Tensor]
+    view_losses: list[torch.Tensor | None] | None
+    pixel_embeddings: torch.Tensor
+    stride: int
+    queries: list[torch.Tensor] | None
+    query_states: torch.Tensor | None
+    gt: list[torch.Tensor] | None
+    query_xy: list[torch.Tensor] | None
+    head: dict
+
+
+def average_over_ranks(value: float, device) -> float:
+    """`value` summed over ranks / world size (a count normaliser, as FCOS and SOLOv2 use)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(float(value), device=device)
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
+    return float(value)
+
+
+def mean_mask_count(targets: list[dict], device) -> float:
+    """Number of target masks averaged over ranks, at least 1: the normaliser HF Mask2Former uses for
+    its mask loss (`get_num_masks`), and so for its L_equi."""
+    return max(average_over_ranks(sum(len(t["labels"]) for t in targets), device), 1.0)
+
+
+def conv_norm_relu(cin: int, cout: int, norm: str = "gn") -> nn.Sequential:
+    """3x3 conv, GroupNorm(32) or BatchNorm, ReLU (the towers of FCOS, CondInst and SOLOv2).
+
+    Below 64 channels GroupNorm takes groups of 2 channels: a group of one channel on P7's 1 x 1 map
+    of a small image would hold a single value."""
+    layer = nn.GroupNorm(32 if cout >= 64 else max(cout // 2, 1), cout) if norm == "gn" else nn.BatchNorm2d(cout)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), layer, nn.ReLU(inplace=True))
+
+
+def tower(cin: int, channels: int, depth: int, norm: str = "gn") -> nn.Sequential:
+    return nn.Sequential(*[conv_norm_relu(cin if i == 0 else channels, channels, norm) for i in range(depth)])
+
+
+def prior_bias(p: float = 0.01) -> float:
+    """Bias of a classification layer so that every class starts at probability p (focal loss)."""
+    return -float(torch.log(torch.tensor((1 - p) / p)))
+
+
+def masks_to_image(logits: torch.Tensor, stride: int, size: tuple[int, int], orig: tuple[int, int]) -> torch.Tensor:
+    """logits [K, h, w] at `stride` on the padded canvas -> [K, H0, W0] logits at the original image
+    size: upsampled to the canvas, the padding cropped to the valid `size` (h, w), then resized."""
+    if logits.shape[0] == 0:
+        return logits.new_zeros((0, *orig))
+    hp, wp = logits.shape[-2] * stride, logits.shape[-1] * stride
+    x = F.interpolate(logits[None], size=(hp, wp), mode="bilinear", align_corners=False)[0]
+    x = x[:, : size[0], : size[1]]
+    return F.interpolate(x[None], size=orig, mode="bilinear", align_corners=False)[0]
+
+
+class DenseSegmenter(nn.Module):
+    """The part of the base-model interface (DESIGN.md) both dense models share."""
+
+    stride: int  # of the pixel embeddings
+
+    def normalise(self, images: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+        """[0, 1] images -> backbone input; padding is 0 after normalisation (as detectron2 pads)."""
+        x = (images - self.mean) / self.std
+        return x if pixel_mask is None else x * pixel_mask[:, None].to(x.dtype)
+
+    def backbone_module(self) -> nn.Module:
+        return self.backbone
+
+    @staticmethod
+    def matched(
+        output: DenseOutput, targets: list[dict]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per image: matched queries [Q_i, d], their instances' masks [Q_i, H, W] and labels [Q_i]."""
+        if output.queries is None:
+            raise ValueError("no assignment was made: run the forward with targets")
+        masks = [t["masks"][g.to(t["masks"].device)] for t, g in zip(targets, output.gt, strict=True)]
+        labels = [t["labels"][g.to(t["labels"].device)] for t, g in zip(targets, output.gt, strict=True)]
+        return output.queries, masks, labels
+
+    def equi_normaliser(self, queries_g: list[torch.Tensor], targets_g: list[dict]) -> float:
+        """L_equi's normaliser: matched queries of the g-views averaged over ranks, at least 1 (the
+        base mask loss of both models is a mean over positives)."""
+        n = sum(q.shape[0] for q in queries_g)
+        return max(average_over_ranks(n, self.mean.device), 1.0)
