@@ -1,11 +1,12 @@
-"""Step time of Mask2Former + IUQ vs the baseline at equal views per batch (Table 3's overhead).
+"""Step time of a base model + IUQ vs the baseline at equal views per batch (Table 3's overhead).
 
-Both arms train the same tiny Mask2Former on the embedded synthetic data with two views per image:
+Both arms train the same model (a tiny Mask2Former, or the model of --config: CondInst, SOLOv2, ...) on the embedded synthetic data with two views per image:
 the baseline is the "augmentation" arm (g-views as extra samples, no IUQ term), IUQ adds L_inter
 (with a 100k memory) and L_equi. Arms alternate step by step so machine noise hits both alike.
 
     python benchmarks/train_step.py --images 4 --steps 20
     python benchmarks/train_step.py --config configs/demo.yaml   # the demo's model, batch, size, memory
+    python benchmarks/train_step.py --config configs/condinst_demo.yaml
 
 Last line: `iuq/baseline step time: R` (the paper reports ~1.05 on 8 A100s).
 """
@@ -27,8 +28,8 @@ from iuq.data.coco import CocoInstances
 from iuq.data.synthetic import SynthConfig, generate
 from iuq.data.transforms import collate
 from iuq.engine.step import training_step
+from iuq.models.build import build_model
 from iuq.models.config import ModelConfig
-from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former
 
 
 def main() -> None:
@@ -61,8 +62,8 @@ def main() -> None:
         "iuq": iuq_cfg,
     }.items():
         torch.manual_seed(0)
-        model = Mask2FormerAdapter(build_mask2former(model_cfg)).to(device)
-        crit = IUQCriterion(cfg, model.decoder, model_cfg.mask_feature_size, model.mask_loss).to(device)
+        model = build_model(model_cfg).to(device)
+        crit = IUQCriterion(cfg, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight).to(device)
         if crit.memory is not None:  # a full memory, as in steady-state training
             crit.memory.embeddings.normal_()
             crit.memory.count.fill_(args.memory)
