@@ -91,7 +91,7 @@ def test_one_iuq_step_reaches_the_dynamic_parameters(kind):
     images, pixel_mask, targets = batch()
     for step in range(2):  # the second step contrasts with the memory the first filled
         result = training_step(model, criterion, images, pixel_mask, targets, torch.tensor([10 + step, 20 + step]),
-                               torch.Generator().manual_seed(step))  # fmt: skip
+                               torch.Generator().manual_seed(step), diagnose=step == 1)  # fmt: skip
         criterion.update_memory(result.samples)
     assert len(criterion.memory) > 0
     terms = result.terms
@@ -102,8 +102,13 @@ def test_one_iuq_step_reaches_the_dynamic_parameters(kind):
     for name in ("loss_inter", "loss_equi"):
         (grad,) = torch.autograd.grad(terms[name], [dynamic], retain_graph=True)
         assert grad.abs().sum() > 0, name
-    # The g-view's queries are the positives of g(I): SOLOv2 and CondInst assign them on g(M).
-    assert result.g is not None
+    # Gradient shares at the pixel embeddings and at the queries (the dynamic parameters) sum to 1.
+    for point in ("pixel", "query"):
+        shares = [result.diagnostics[f"grad_share/{point}/{part}"] for part in ("base", "inter", "equi")]
+        assert float(sum(shares)) == pytest.approx(1.0, abs=1e-5)
+    assert all(result.diagnostics[f"grad_share/query/{part}"] > 0 for part in ("base", "inter", "equi"))
+    # L_inter's negatives are constants (no iuq.inter_batch_grad): it sends nothing to the pixels.
+    assert result.diagnostics["grad_share/pixel/inter"] == 0
 
 
 @pytest.mark.parametrize("kind", ["condinst", "solov2"])
