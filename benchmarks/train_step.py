@@ -1,6 +1,7 @@
 """Step time of a base model + IUQ vs the baseline at equal views per batch (Table 3's overhead).
 
-Both arms train the same model (a tiny Mask2Former, or the model of --config: CondInst, SOLOv2, ...) on the embedded synthetic data with two views per image:
+Both arms train the same model (a tiny Mask2Former, or the model of --config: CondInst, SOLOv2, ...)
+on the embedded synthetic data with two views per image:
 the baseline is the "augmentation" arm (g-views as extra samples, no IUQ term), IUQ adds L_inter
 (with a 100k memory) and L_equi. Arms alternate step by step so machine noise hits both alike.
 

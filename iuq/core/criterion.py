@@ -81,13 +81,20 @@ class IUQCriterion(nn.Module):
         return torch.cat(queries), torch.cat(q_ids)
 
     def diagnose_inter(
-        self, queries: list[torch.Tensor], query_labels: list[torch.Tensor], image_ids: torch.Tensor, samples
+        self,
+        queries: list[torch.Tensor],
+        query_labels: list[torch.Tensor],
+        image_ids: torch.Tensor,
+        samples,
+        query_xy: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """L_inter split by same-class and other-class negatives, and how many pairs fire (logs only)."""
         image_ids = torch.as_tensor(image_ids, dtype=torch.int64, device=samples.embeddings.device)
         q, q_ids = self.inter_queries([x.detach() for x in queries], image_ids)
         b = image_ids.shape[0]
-        labels = query_labels[:b] if self.cfg.inter_views == "original" else query_labels
+        original = self.cfg.inter_views == "original"
+        labels = query_labels[:b] if original else query_labels
+        q_xy = None if query_xy is None else torch.cat(query_xy[:b] if original else query_xy)
         negatives = inter_scene_negatives(samples, self.memory, self.cfg.inter_mode)
         c = self.cfg
         return inter_scene_diagnostics(
@@ -96,6 +103,7 @@ class IUQCriterion(nn.Module):
             torch.cat(labels).to(q.device),
             negatives,
             self.decoder,
+            query_xy=q_xy,
             loss=c.inter_loss,
             alpha=c.focal_alpha,
             gamma=c.focal_gamma,

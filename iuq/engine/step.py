@@ -154,7 +154,7 @@ def training_step(
             loss = loss + weighted
             parts[name.removeprefix("loss_")] = weighted
         if diagnose and cfg.inter:
-            diagnostics.update(criterion.diagnose_inter(queries, labels, image_ids, samples))
+            diagnostics.update(criterion.diagnose_inter(queries, labels, image_ids, samples, out.query_xy))
     if diagnose:
         points = {"pixel": out.pixel_embeddings, "query": out.query_states}
         diagnostics.update(gradient_shares(parts, points))

@@ -98,7 +98,9 @@ def _torchvision_resnet(cfg, load_weights: bool) -> Backbone:
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as err:  # shapes that do not fit
-            raise WeightsError(f"model.backbone_checkpoint {path}: not a torchvision {cfg.backbone} state dict ({err})") from err
+            raise WeightsError(
+                f"model.backbone_checkpoint {path}: not a torchvision {cfg.backbone} state dict ({err})"
+            ) from err
         head = {"fc.weight", "fc.bias"}  # the classifier is not part of a backbone
         if result.unexpected_keys or set(result.missing_keys) - head:
             raise WeightsError(
