@@ -88,6 +88,15 @@ def _eval_model(args) -> dict:
     from iuq.data.coco import CocoInstances
     from iuq.engine.inference import evaluate, load_trained
 
+    from iuq.engine.inference import is_run_dir
+
+    if (args.data is None or args.images is None) and is_run_dir(Path(args.model)):
+        from iuq.config import load_config
+
+        run = load_config(Path(args.model) / "config.yaml")  # a run directory: its own val split
+        if run.data.val_ann is not None:
+            args.data, args.images = args.data or run.data.val_ann, args.images or run.data.val_images
+            print(f"evaluating on the run's val split {args.data}")
     if args.data is None or args.images is None:
         raise UsageError("iuq eval CHECKPOINT_OR_MODEL_DIR: give --data ANN.json and --images DIR")
     trained = load_trained(args.model)
@@ -195,10 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="COCO mask AP of a trained model on a dataset, or of a results JSON",
         description="iuq eval CHECKPOINT_OR_MODEL_DIR --data ANN.json --images DIR [--out metrics.json], "
-        "or iuq eval --gt ANN.json --pred RESULTS.json",
+        "iuq eval RUN_DIR (on the run's own val split), or iuq eval --gt ANN.json --pred RESULTS.json",
     )
-    s.add_argument("model", nargs="?", type=Path, help="checkpoints/last.ckpt or the model/ directory of a run")
-    s.add_argument("--data", type=Path, help="instances JSON to evaluate on (with a model)")
+    s.add_argument(
+        "model", nargs="?", type=Path, help="a run directory, its checkpoints/last.ckpt or its model/ directory"
+    )
+    s.add_argument(
+        "--data", type=Path, help="instances JSON to evaluate on (default for a run directory: its val split)"
+    )
     s.add_argument("--images", type=Path, help="image folder of --data")
     s.add_argument("--results", type=Path, help="also write the model's COCO results JSON here")
     s.add_argument("--gt", type=Path, help="ground-truth instances JSON (with --pred)")
@@ -218,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_train)
 
     s = sub.add_parser("predict", help="instance masks of images: PNG overlays and a COCO results JSON")
-    s.add_argument("model", type=Path, help="checkpoints/last.ckpt or the model/ directory of a run")
+    s.add_argument("model", type=Path, help="a run directory, its checkpoints/last.ckpt or its model/ directory")
     s.add_argument("images", nargs="+", type=Path)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--threshold", type=float, default=0.5, help="score threshold of the overlays")

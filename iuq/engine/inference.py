@@ -38,6 +38,11 @@ class TrainedModel:
     top_k: int = 100
 
 
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is the output directory of `iuq train` (config.yaml, model/, checkpoints/)."""
+    return path.is_dir() and (path / "config.yaml").is_file() and not (path / "config.json").is_file()
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A run checkpoint, loaded with `weights_only=True` (no arbitrary code runs on load)."""
     try:
@@ -47,8 +52,11 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def load_trained(path: str | Path) -> TrainedModel:
-    """A model for inference from `checkpoints/*.ckpt` or a `model/` directory."""
+    """A model for inference from `checkpoints/*.ckpt`, a `model/` directory or a run directory
+    (its `model/`, or its last checkpoint when the run has not finished)."""
     path = Path(path)
+    if is_run_dir(path):
+        path = path / "model" if (path / "model" / "config.json").is_file() else path / "checkpoints" / "last.ckpt"
     if path.is_dir():
         return _from_model_dir(path)
     if not path.is_file():

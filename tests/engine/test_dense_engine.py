@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from iuq.cli import main
 from iuq.config import load_config
 from iuq.data.coco import CocoInstances
 from iuq.engine.inference import evaluate, load_checkpoint, load_trained
@@ -45,6 +46,13 @@ def test_resume_checkpoint_export_and_eval(kind, tiny_data, tmp_path):  # noqa: 
     for source in (tmp_path / "straight" / "checkpoints" / "last.ckpt", tmp_path / "straight" / "model"):
         scored, _ = evaluate(load_trained(source), val)
         assert scored == pytest.approx(metrics, abs=1e-9), source
+    # The CLI on the run directory itself: eval on its own val split, predict with its model.
+    run = tmp_path / "straight"
+    assert main(["eval", str(run), "--out", str(tmp_path / "m.json"), "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(metrics, abs=1e-9)
+    images = sorted((tiny_data / "val").glob("*.png"))
+    assert main(["predict", str(run), *map(str, images), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == sorted(p.name for p in images)
 
 
 def test_two_process_ddp_condinst(tiny_data, tmp_path):  # noqa: F811
