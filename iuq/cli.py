@@ -86,9 +86,7 @@ def _eval(args) -> None:
 
 def _eval_model(args) -> dict:
     from iuq.data.coco import CocoInstances
-    from iuq.engine.inference import evaluate, load_trained
-
-    from iuq.engine.inference import is_run_dir
+    from iuq.engine.inference import evaluate, is_run_dir, load_trained
 
     if (args.data is None or args.images is None) and is_run_dir(Path(args.model)):
         from iuq.config import load_config
