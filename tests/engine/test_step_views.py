@@ -45,6 +45,10 @@ class RecordingModel:
         )
 
     @staticmethod
+    def equi_normaliser(queries_g, targets_g):  # as Mask2Former's: the g-views' mask count
+        return mean_mask_count(targets_g, "cpu")
+
+    @staticmethod
     def matched(out, targets):
         q = [out.query_embeddings[i, : len(t["labels"])] for i, t in enumerate(targets)]
         return q, [t["masks"] for t in targets], [t["labels"] for t in targets]
