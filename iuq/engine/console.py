@@ -72,7 +72,7 @@ def run_summary(cfg, train_size: int, val_size: int | None, device: str, world_s
     else:
         start = f"{m.backbone} (random init)"
     head = {
-        "mask2former": f"Mask2Former ({m.num_queries} queries)",
+        "mask2former": "Mask2Former",
         "condinst": "CondInst (FCOS P3-P7, 169 dynamic parameters)",
         "solov2": f"SOLOv2 (grids {'/'.join(str(s) for s in m.solov2.grids)})",
     }[m.type]
@@ -82,7 +82,8 @@ def run_summary(cfg, train_size: int, val_size: int | None, device: str, world_s
     return "\n".join(
         [
             f"data     train {train_size} images{val}; batch {d.batch_size} x {world_size} device(s)",
-            f"model    {head}, {start}{', frozen BN' if m.freeze_bn else ''}",
+            f"model    {head}, {start}{f', {m.num_queries} queries' if m.type == 'mask2former' else ''}"
+            f"{', frozen BN' if m.freeze_bn else ''}",
             f"method   {'IUQ: ' + ' + '.join(terms) if terms else 'baseline (IUQ off)'}",
             f"train    {length}, {t.optimizer} lr {t.lr:g} (backbone x{t.backbone_lr_mult:g}), {t.schedule}, "
             f"warm-up {t.warmup_steps}, seed {t.seed}, on {device}",
