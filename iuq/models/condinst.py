@@ -33,6 +33,7 @@ from iuq.models.dense import (
     average_over_ranks,
     conv_norm_relu,
     masks_to_image,
+    per_view_losses,
     prior_bias,
     tower,
 )
@@ -258,21 +259,12 @@ class CondInst(DenseSegmenter):
             per_image.append(pos.numel())
         query_states = heads["params"].reshape(-1, heads["params"].shape[-1])[torch.cat(rows)]  # [sum Q_i, 169]
         queries = list(query_states.split(per_image))
-        b = n // views
-        loss, terms, losses = None, {}, []
-        for v in range(views):
-            if not view_loss[v]:
-                losses.append(None)
-                continue
-            part = range(v * b, (v + 1) * b)
-            view_terms = self._losses(heads, [targets[i] for i in part], [assignments[i] for i in part],
-                                      [queries[i] for i in part], [gts[i] for i in part], [xys[i] for i in part],
-                                      part)  # fmt: skip
-            view = sum(view_terms.values())
-            if v == 0:
-                terms = {k: x.detach() for k, x in view_terms.items()}
-            loss = view if loss is None else loss + view
-            losses.append(view)
+
+        def losses_of_view(part):
+            pick = [[x[i] for i in part] for x in (targets, assignments, queries, gts, xys)]
+            return self._losses(heads, *pick, part)
+
+        loss, terms, losses = per_view_losses(views, n // views, view_loss, losses_of_view)
         return DenseOutput(loss, terms, losses, mask_feats, self.stride, queries, query_states, gts, xys, heads)
 
     def _losses(self, heads, targets, assignments, queries, gts, xys, part) -> dict[str, torch.Tensor]:

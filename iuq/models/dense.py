@@ -53,6 +53,26 @@ def average_over_ranks(value: float, device) -> float:
     return float(value)
 
 
+def per_view_losses(views: int, batch: int, view_loss: tuple[bool, ...], losses_of_view):
+    """The base loss of V views of B images, each view on its own (its own normalisers).
+
+    losses_of_view(part) -> the unweighted terms of images `part` (a list of batch indices).
+    Returns (the sum over views with `view_loss[v]`, the first view's terms detached, per view its
+    loss or None)."""
+    loss, terms, losses = None, {}, []
+    for v in range(views):
+        if not view_loss[v]:
+            losses.append(None)
+            continue
+        view_terms = losses_of_view(list(range(v * batch, (v + 1) * batch)))
+        view = sum(view_terms.values())
+        if v == 0:
+            terms = {k: x.detach() for k, x in view_terms.items()}
+        loss = view if loss is None else loss + view
+        losses.append(view)
+    return loss, terms, losses
+
+
 def mean_mask_count(targets: list[dict], device) -> float:
     """Number of target masks averaged over ranks, at least 1: the normaliser HF Mask2Former uses for
     its mask loss (`get_num_masks`), and so for its L_equi."""

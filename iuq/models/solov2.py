@@ -27,7 +27,15 @@ from torchvision.ops import sigmoid_focal_loss
 from iuq.core.decoders import DotProductDecoder
 from iuq.core.losses import dice_loss
 from iuq.core.sampling import downsample_masks
-from iuq.models.dense import DenseOutput, DenseSegmenter, conv_norm_relu, masks_to_image, prior_bias, tower
+from iuq.models.dense import (
+    DenseOutput,
+    DenseSegmenter,
+    conv_norm_relu,
+    masks_to_image,
+    per_view_losses,
+    prior_bias,
+    tower,
+)
 from iuq.models.fcos import mask_centres
 from iuq.models.matrix_nms import matrix_nms
 from iuq.models.pyramid import Pyramid, build_backbone
@@ -264,20 +272,12 @@ class SOLOv2(DenseSegmenter):
             gts.append(c[pos])
         query_states = heads["kernels"].reshape(-1, heads["kernels"].shape[-1])[torch.cat(rows)]  # [sum Q_i, E]
         queries = list(query_states.split([len(g) for g in gts]))
-        b = n // views
-        loss, terms, losses = None, {}, []
-        for v in range(views):
-            if not view_loss[v]:
-                losses.append(None)
-                continue
-            part = list(range(v * b, (v + 1) * b))
-            view_terms = self._losses(heads, [targets[i] for i in part], [cells[i] for i in part],
-                                      [queries[i] for i in part], [gts[i] for i in part], part)  # fmt: skip
-            view = sum(view_terms.values())
-            if v == 0:
-                terms = {k: x.detach() for k, x in view_terms.items()}
-            loss = view if loss is None else loss + view
-            losses.append(view)
+
+        def losses_of_view(part):
+            pick = [[x[i] for i in part] for x in (targets, cells, queries, gts)]
+            return self._losses(heads, *pick, part)
+
+        loss, terms, losses = per_view_losses(views, n // views, view_loss, losses_of_view)
         return DenseOutput(loss, terms, losses, mask_feats, self.stride, queries, query_states, gts, None, heads)
 
     def _losses(self, heads, targets, cells, queries, gts, part) -> dict[str, torch.Tensor]:
