@@ -276,8 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     from iuq.engine.console import silence_third_party_noise
 
     silence_third_party_noise()
+    from iuq.engine.interrupt import RunInterrupted
+
     try:
         args.func(args)
+    except RunInterrupted as err:
+        print(f"iuq: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("iuq: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # the edge of the program: one line for the user, the traceback on --debug
         if args.debug:
             raise
@@ -295,6 +303,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from iuq.config import ConfigError
     from iuq.data.coco import DatasetError
     from iuq.engine.inference import CheckpointError
+    from iuq.engine.run_dir import RunDirError
     from iuq.engine.step import NonFiniteLossError
     from iuq.evaluation.coco_eval import ResultsError
     from iuq.models.backbones import WeightsError
@@ -308,6 +317,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         NonFiniteLossError,
         ResultsError,
+        RunDirError,
         WeightsError,
         FileNotFoundError,
         FileExistsError,

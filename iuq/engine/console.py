@@ -30,6 +30,10 @@ _NOISE_WARNINGS = [
     (Warning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),  # Lightning 2.6 on torch 2.14
     # Lightning's advice to raise num_workers on a loader we size on purpose (CPU runs share cores).
     (UserWarning, r"The '\w+_dataloader' does not have many workers"),
+    # The train loader resumes from the optimiser step (`StepSampler`), which Lightning cannot see.
+    (UserWarning, r"resuming from a checkpoint that ended before the epoch ended and your dataloader"),
+    # A resumed run writes into its own checkpoint folder on purpose (a new run there is refused).
+    (UserWarning, r"Checkpoint directory .* exists and is not empty"),
 ]
 
 
@@ -112,8 +116,11 @@ class ProgressPrinter(L.Callback):
         total = getattr(module, "total_steps", None) or int(trainer.estimated_stepping_batches)
         loss = trainer.callback_metrics.get("train/loss")
         loss_text = f"  loss {float(loss):.3f}" if loss is not None else ""
+        # The data epoch of the step just done (Lightning's own counter can lag after a resume).
+        per_epoch = getattr(module, "steps_per_epoch", None)
+        epoch = (step - 1) // per_epoch if per_epoch else trainer.current_epoch
         print(
-            f"step {step}/{total}  epoch {trainer.current_epoch}{loss_text}  {rate:.2f} s/step  "
+            f"step {step}/{total}  epoch {epoch}{loss_text}  {rate:.2f} s/step  "
             f"{max(total - step, 0) * rate / 60:.1f} min left",
             flush=True,
         )

@@ -3,8 +3,8 @@
 Resuming from a checkpoint must replay exactly what an uninterrupted run would have seen, so
 neither the shuffling nor the augmentation may depend on a process-global random state:
 
-- `EpochSampler` shuffles with a generator seeded by (seed, epoch) and shards the permutation
-  across ranks; it yields (index, epoch) pairs.
+- `StepSampler` shuffles with a generator seeded by (seed, epoch), shards the permutation across
+  ranks and starts at the trainer's optimiser step; it yields (index, epoch) pairs.
 - `AugmentedDataset` applies its transform under a torch RNG seeded by (seed, epoch, index), so a
   sample's augmentation is the same in any worker, on any rank, before or after a resume.
 """
@@ -31,60 +31,52 @@ from iuq.data.transforms import (
 )
 
 
-class EpochSampler(Sampler):
-    """Shuffled indices of one rank's shard; Lightning calls `set_epoch` before every epoch.
+class StepSampler(Sampler):
+    """One rank's indices from the run's current optimiser step to the end of that step's epoch.
+
+    The data epoch of step s is s // batches_per_epoch; its order is a permutation seeded by
+    (seed, epoch), sharded across ranks. The position is read from the trainer (`steps_done()`)
+    each time the loader is opened, never from Lightning's epoch counter: a run resumed from any
+    checkpoint (mid-epoch, at an epoch's end, after SIGINT or kill -9) sees the very batches an
+    uninterrupted run sees, whatever epoch Lightning believes it is in.
 
     drop_last keeps every rank at the same number of steps (DDP needs it) and every batch full.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        steps_done: Callable[[], int] = lambda: 0,
+    ):
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-        # (epoch, batches) set by a mid-epoch resume: every pass over that epoch starts after those
-        # batches (Lightning may open the loader more than once before training resumes).
-        self.resume_at: tuple[int, int] | None = None
+        self.rank, self.world_size, self.steps_done = rank, world_size, steps_done
         self.per_rank = (size // (world_size * batch_size)) * batch_size
         if self.per_rank == 0:
             raise ConfigError(
                 f"{size} training images are fewer than one batch per device "
                 f"({batch_size} x {world_size} devices); lower data.batch_size"
             )
+        self.batches_per_epoch = self.per_rank // batch_size
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Lightning's epoch counter is a label only; the position comes from `steps_done`."""
 
     def __len__(self) -> int:
         return self.per_rank
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This rank's indices of data epoch `epoch`, in order."""
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.size, generator=g)
-        shard = order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
-        start = 0
-        if self.resume_at is not None and self.resume_at[0] == self.epoch:
-            start = self.resume_at[1] * self.batch_size
-        return iter([(int(i), self.epoch) for i in shard[start:]])
+        return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].tolist()
 
-
-class ResumableLoader(DataLoader):
-    """A DataLoader whose position Lightning saves in checkpoints and restores on resume.
-
-    State: the epoch and the batches the trainer has finished in it (`batches_done()`, read from the
-    trainer rather than counted here, because the loader runs ahead of training by its prefetch).
-    A resume in mid-epoch then continues with the very batches an uninterrupted run would see.
-    """
-
-    def __init__(self, *args, batches_done: Callable[[], int], **kwargs):
-        super().__init__(*args, **kwargs)
-        self._batches_done = batches_done
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "batches_done": int(self._batches_done())}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.set_epoch(state["epoch"])
-        if state["batches_done"] < len(self):  # a finished epoch resumes at the next one, from its start
-            self.sampler.resume_at = (state["epoch"], state["batches_done"])
+    def __iter__(self):
+        epoch, batch = divmod(int(self.steps_done()), self.batches_per_epoch)
+        return iter([(i, epoch) for i in self.epoch_order(epoch)[batch * self.batch_size :]])
 
 
 class AugmentedDataset(Dataset):
@@ -143,11 +135,11 @@ def open_split(ann: str, images: str, skip_invalid: bool, keep_empty: bool) -> C
 
 
 def train_loader(
-    dataset: CocoInstances, data_cfg, seed: int, rank: int, world_size: int, batches_done: Callable[[], int]
-) -> ResumableLoader:
-    """batches_done: the trainer's count of finished batches in the current epoch (for checkpoints)."""
-    sampler = EpochSampler(len(dataset), data_cfg.batch_size, seed, rank, world_size)
-    return ResumableLoader(
+    dataset: CocoInstances, data_cfg, seed: int, rank: int, world_size: int, steps_done: Callable[[], int]
+) -> DataLoader:
+    """steps_done: the trainer's count of optimiser steps so far (where the data stream resumes)."""
+    sampler = StepSampler(len(dataset), data_cfg.batch_size, seed, rank, world_size, steps_done)
+    return DataLoader(
         AugmentedDataset(dataset, train_transform(data_cfg), seed),
         batch_size=data_cfg.batch_size,
         sampler=sampler,
@@ -155,7 +147,6 @@ def train_loader(
         collate_fn=collate,
         persistent_workers=data_cfg.num_workers > 0,
         drop_last=True,
-        batches_done=batches_done,
     )
 
 

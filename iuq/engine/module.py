@@ -70,6 +70,7 @@ class IUQModule(L.LightningModule):
         self.evaluator: CocoMaskEvaluator | None = None  # set by the trainer when there is a val split
         self._pending_samples = None
         self.total_steps: int | None = None  # optimiser steps of the whole run, for the LR schedule
+        self.steps_per_epoch: int | None = None  # optimiser steps of one pass over the training set
 
     # -- training ---------------------------------------------------------------------------------
     def _step_seed(self) -> int:

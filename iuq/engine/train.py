@@ -11,14 +11,13 @@ OUT/predictions/*.png       a few val predictions drawn over the images
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from iuq.config import ConfigError, RunConfig, save_config
@@ -27,7 +26,9 @@ from iuq.data.synthetic import SynthConfig, generate
 from iuq.engine.console import ProgressPrinter, StepTimer, run_summary, silence_third_party_noise
 from iuq.engine.data import open_split, test_loader, train_loader
 from iuq.engine.inference import TrainedModel, evaluate, predict, save_model_dir
+from iuq.engine.interrupt import GracefulStop
 from iuq.engine.module import IUQModule
+from iuq.engine.run_dir import ContinuingCSVLogger, RunLock, check_resume_config, ensure_writable
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, format_table, write_metrics
 from iuq.visualize import draw_instances, save_png, side_by_side
 
@@ -42,10 +43,10 @@ class RunData(L.LightningDataModule):
     def train_dataloader(self):
         t = self.trainer
 
-        def batches_done() -> int:
-            return t.fit_loop.epoch_loop.batch_progress.current.processed
+        def steps_done() -> int:
+            return t.global_step
 
-        return train_loader(self.train, self.cfg.data, self.cfg.train.seed, t.global_rank, t.world_size, batches_done)
+        return train_loader(self.train, self.cfg.data, self.cfg.train.seed, t.global_rank, t.world_size, steps_done)
 
     def val_dataloader(self):
         d, t = self.cfg.data, self.trainer
@@ -91,7 +92,9 @@ def open_data(cfg: RunConfig) -> tuple[CocoInstances, CocoInstances | None]:
     return train, val
 
 
-def build_trainer(cfg: RunConfig, out: Path, has_val: bool, callbacks: list | None = None) -> L.Trainer:
+def build_trainer(
+    cfg: RunConfig, out: Path, has_val: bool, callbacks: list | None = None, resume_step: int | None = None
+) -> L.Trainer:
     t = cfg.train
     # Both write checkpoints/last.ckpt (overwritten in place): one every N steps, one every epoch.
     # Lightning's own `save_last` only follows top-k saves, hence two plain "latest" checkpoints.
@@ -107,11 +110,17 @@ def build_trainer(cfg: RunConfig, out: Path, has_val: bool, callbacks: list | No
         for n, e in ((t.checkpoint_every_steps, 0), (None, 1))
         if n != 0
     ]
-    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="logs", version="")]
+    loggers = [
+        ContinuingCSVLogger(out, resume_step, flush_every=t.log_every_steps),
+        TensorBoardLogger(out, name="logs", version=""),
+    ]
+    # The run's length is always a step count (set in `_train` from max_epochs when needed):
+    # Lightning's epoch counter can be off by one after a resume from an epoch-end checkpoint, the
+    # optimiser step count cannot.
     return L.Trainer(
         default_root_dir=out,
         max_steps=t.max_steps if t.max_steps is not None else -1,
-        max_epochs=t.max_epochs if t.max_steps is None else -1,
+        max_epochs=-1,
         precision=t.precision,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -123,7 +132,7 @@ def build_trainer(cfg: RunConfig, out: Path, has_val: bool, callbacks: list | No
         check_val_every_n_epoch=t.eval_every_epochs if has_val and t.eval_every_epochs > 0 else None,
         limit_val_batches=None if has_val and t.eval_every_epochs > 0 else 0,
         num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # our EpochSampler shards and seeds by epoch itself
+        use_distributed_sampler=False,  # our StepSampler shards and seeds by epoch itself
         callbacks=[
             *checkpoints,
             LearningRateMonitor(logging_interval="step"),
@@ -140,15 +149,35 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     """Train, evaluate and export one run; returns the final val metrics (None without a val split).
 
     callbacks: extra Lightning callbacks (early stopping, custom logging, ...).
+    Raises `RunInterrupted` (after writing a checkpoint) when the run is stopped by SIGINT / SIGTERM.
     """
     out = Path(cfg.out)
     last = out / "checkpoints" / "last.ckpt"
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"--resume: {last} does not exist; start the run without --resume")
+    if resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"--resume: {last} does not exist; start the run without --resume")
+        check_resume_config(cfg, last)  # before anything is written into the run directory
+    ensure_writable(out)
+    lock = RunLock(out) if rank_zero_only.rank == 0 else None  # the rank Lightning reads from torchrun / SLURM
+    if lock is not None:
+        lock.acquire()
     if not resume and last.is_file():
+        if lock is not None:
+            lock.release()
         raise FileExistsError(
             f"{out} already holds a run ({last}); pass --resume to continue it or --out to start a new one"
         )
+    stop = GracefulStop(last, f"iuq train --resume --out {out}")
+    stop.install()
+    try:
+        return _train(cfg, out, last, resume, stop, callbacks)
+    finally:
+        stop.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks: list | None):
     silence_third_party_noise()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -160,12 +189,18 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
         module.evaluator = CocoMaskEvaluator(
             val_set.ann_file, train_set.category_ids, cfg.eval.backend, cfg.eval.max_dets
         )
-    if resume and rank_zero_only.rank == 0:  # the rank Lightning reads from torchrun / SLURM variables
-        set_aside_csv_log(out / "logs")
+    resume_step = checkpoint_step(last) if resume else None
     timer = StepTimer()
-    trainer = build_trainer(cfg, out, val_set is not None, [timer, *(callbacks or [])])
+    trainer = build_trainer(cfg, out, val_set is not None, [timer, stop, *(callbacks or [])], resume_step)
     steps_per_epoch = len(train_set) // (cfg.data.batch_size * trainer.world_size)  # drop_last batches
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.batch_size: {len(train_set)} training images are fewer than one batch of "
+            f"{cfg.data.batch_size} x {trainer.world_size} device(s); lower data.batch_size"
+        )
+    module.steps_per_epoch = steps_per_epoch
     module.total_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
+    trainer.fit_loop.epoch_loop.max_steps = module.total_steps
     if trainer.is_global_zero:
         save_config(cfg, out / "config.yaml")
         device = str(trainer.strategy.root_device)
@@ -173,46 +208,19 @@ def train(cfg: RunConfig, resume: bool = False, callbacks: list | None = None) -
     trainer.fit(
         module, datamodule=RunData(cfg, train_set, val_set), ckpt_path=last if resume else None, weights_only=True
     )
+    if stop.stopping:  # SIGINT / SIGTERM: the checkpoint is written, no evaluation or export
+        raise stop.interrupted(trainer.global_step, saved=True)
     trainer.save_checkpoint(last, weights_only=False)  # the final state, also when max_steps ends mid-epoch
     if not trainer.is_global_zero:
         return None
     with open(out / "timing.json", "w") as f:  # read by `iuq ablate`; s/step of this process's steps
         json.dump({"timed_steps": timer.timed_steps, "s_per_step": timer.seconds_per_step}, f)
-    merge_csv_logs(out / "logs")
     return finish(cfg, module, val_set, out)
 
 
-# Lightning's CSV logger deletes an existing metrics.csv when it starts, so a resumed run would lose
-# the log of everything before the resume: the old file is set aside and merged back at the end.
-def set_aside_csv_log(log_dir: Path) -> None:
-    current = log_dir / "metrics.csv"
-    if current.is_file():
-        parts = sorted(log_dir.glob("metrics.before-resume-*.csv"))
-        current.rename(log_dir / f"metrics.before-resume-{len(parts):03d}.csv")
-
-
-def merge_csv_logs(log_dir: Path) -> None:
-    """metrics.csv = the set-aside parts, then the current log; rows a resume replayed are kept once."""
-    parts = sorted(log_dir.glob("metrics.before-resume-*.csv"))
-    if not parts:
-        return
-    tables = []
-    for path in [*parts, log_dir / "metrics.csv"]:
-        if path.is_file():
-            with open(path, newline="") as f:
-                tables.append(list(csv.DictReader(f)))
-    rows = []
-    for i, table in enumerate(tables):
-        later = [int(r["step"]) for t in tables[i + 1 :] for r in t if r.get("step")]
-        resumed_at = min(later) if later else None
-        rows.extend(r for r in table if resumed_at is None or int(r.get("step") or 0) < resumed_at)
-    keys = sorted({k for r in rows for k in r})
-    with open(log_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    for path in parts:
-        path.unlink()
+def checkpoint_step(path: Path) -> int:
+    """The optimiser step a checkpoint was written at (memory-mapped: the weights are not read)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out: Path) -> dict[str, float] | None:

@@ -216,15 +216,20 @@ def test_fixed_size_crops_and_their_range_check():
         load_config(None, ["data.crop_min=0.8", "data.crop_max=0.6"])
 
 
-def test_epoch_sampler_shards_are_disjoint_and_seeded():
-    from iuq.engine.data import EpochSampler
+def test_step_sampler_shards_are_disjoint_seeded_and_start_at_the_step():
+    from iuq.engine.data import StepSampler
 
-    shards = [EpochSampler(10, 2, seed=3, rank=r, world_size=2) for r in range(2)]
+    step = [0]
+    shards = [StepSampler(10, 2, seed=3, rank=r, world_size=2, steps_done=lambda: step[0]) for r in range(2)]
     epoch0 = [[i for i, _ in s] for s in shards]
     assert all(len(e) == 4 for e in epoch0) and not set(epoch0[0]) & set(epoch0[1])
-    assert [i for i, _ in EpochSampler(10, 2, seed=3, rank=0, world_size=2)] == epoch0[0]
-    shards[0].set_epoch(1)
-    assert [i for i, e in shards[0]] != epoch0[0] and {e for _, e in shards[0]} == {1}
+    assert [i for i, _ in StepSampler(10, 2, seed=3, rank=0, world_size=2)] == epoch0[0]
+    assert shards[0].batches_per_epoch == 2
+    step[0] = 3  # the second batch of epoch 1, whatever epoch Lightning announces
+    shards[0].set_epoch(7)
+    items = list(shards[0])
+    assert [e for _, e in items] == [1, 1] and [i for i, _ in items] == shards[0].epoch_order(1)[2:]
+    assert shards[0].epoch_order(1) != epoch0[0]
 
 
 def test_two_process_ddp_run(tiny_data, tmp_path):
