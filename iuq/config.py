@@ -27,6 +27,17 @@ class ConfigError(ValueError):
     """A configuration key is unknown, missing or of the wrong type (the message names it)."""
 
 
+def check_range(section: str, obj, bounds: dict[str, tuple[float | None, float | None]]) -> None:
+    """Each field named in `bounds` lies in [lo, hi] (None: unbounded; a None value is not checked)."""
+    for name, (lo, hi) in bounds.items():
+        value = getattr(obj, name)
+        if value is None or isinstance(value, str):
+            continue
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            want = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+            raise ConfigError(f"{section}.{name}: must be {want}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SyntheticDataConfig(SynthConfig):
     """The embedded synthetic dataset, generated into `dir` when the training annotations are absent."""
@@ -64,6 +75,14 @@ class DataConfig:
     skip_invalid: bool = False
 
     def __post_init__(self) -> None:
+        check_range(
+            "data",
+            self,
+            {"max_size": (1, None), "test_short_side": (1, None), "flip_p": (0, 1), "crop_p": (0, 1),
+             "batch_size": (1, None), "num_workers": (0, None)},
+        )  # fmt: skip
+        if len(self.train_short_side) != 2 or not 1 <= self.train_short_side[0] <= self.train_short_side[1]:
+            raise ConfigError(f"data.train_short_side: need [lo, hi] with 1 <= lo <= hi, got {self.train_short_side}")
         if not 0 < self.crop_min <= self.crop_max <= 1:
             raise ConfigError(
                 f"data.crop_min, data.crop_max: need 0 < min <= max <= 1, got {self.crop_min}, {self.crop_max}"
@@ -129,6 +148,18 @@ class TrainConfig:
             raise ConfigError("train.max_steps / train.max_epochs: set at least one")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be > 0, got {self.lr!r}")
+        check_range(
+            "train",
+            self,
+            {"max_steps": (1, None), "max_epochs": (1, None), "warmup_steps": (0, None),
+             "warmup_factor": (0, 1), "weight_decay": (0, None), "momentum": (0, 1),
+             "backbone_lr_mult": (0, None), "poly_power": (0, None), "step_gamma": (0, None),
+             "grad_clip": (0, None), "num_nodes": (1, None), "checkpoint_every_steps": (0, None),
+             "eval_every_epochs": (0, None), "log_every_steps": (1, None), "print_every_steps": (1, None),
+             "log_grad_share_every": (0, None), "threads": (1, None)},
+        )  # fmt: skip
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise ConfigError(f"train.devices: must be >= 1 or 'auto', got {self.devices}")
 
 
 @dataclass
@@ -151,8 +182,11 @@ class EvalConfig:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        if self.max_dets < 1:
-            raise ConfigError(f"eval.max_dets: must be >= 1, got {self.max_dets}")
+        check_range(
+            "eval",
+            self,
+            {"max_dets": (1, None), "num_vis": (0, None), "vis_threshold": (0, 1), "batch_size": (1, None)},
+        )
         if self.top_k is not None and self.top_k < self.max_dets:
             raise ConfigError(
                 f"eval.top_k: {self.top_k} keeps fewer detections than eval.max_dets {self.max_dets} counts; "

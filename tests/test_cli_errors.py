@@ -143,10 +143,52 @@ def test_malformed_results_file(capsys, tmp_path):
     assert "r.json" in line and "entry 0" in line and "segmentation" in line
     pred.write_text(json.dumps({"not": "a list"}))
     assert "expected a JSON list" in _error(capsys, ["eval", "--gt", str(COCO_JSON), "--pred", str(pred)])
-    rle = {"size": [10, 10], "counts": "0"}
+    rle = {"size": [10, 10], "counts": [100]}
     pred.write_text(json.dumps([{"image_id": 5, "category_id": 24, "segmentation": rle, "score": 1.0}]))
     line = _error(capsys, ["eval", "--gt", str(COCO_JSON), "--pred", str(pred)])
     assert "image ids that are not in the ground truth: [5]" in line
+
+
+@pytest.mark.parametrize(
+    ("counts", "why"),
+    [
+        ("zzzz9999", "character 'z' at 0 is not in compressed RLE's alphabet"),  # used to hang pycocotools
+        ("0`", "end in the middle of a number (truncated?)"),
+        ("9999", "runs cover 45 pixels, the mask has 100 (truncated?)"),
+        ("n3", "runs cover more than the 100 pixels"),
+        ([50, -1, 51], "non-negative integers"),
+    ],
+)
+def test_a_corrupt_rle_in_a_results_file_is_named_before_decoding(capsys, tmp_path, counts, why):
+    good = {"image_id": 34, "category_id": 24, "segmentation": {"size": [10, 10], "counts": [100]}, "score": 1.0}
+    bad = {**good, "segmentation": {"size": [10, 10], "counts": counts}}
+    pred = tmp_path / "r.json"
+    pred.write_text(json.dumps([good, bad]))
+    line = _error(capsys, ["eval", "--gt", str(COCO_JSON), "--pred", str(pred)])
+    assert line.startswith(f"iuq: error: {pred}: entry 1: segmentation counts: ") and why in line
+
+
+def test_rle_runs_match_pycocotools_encoder():
+    """The checker reads every run exactly as pycocotools wrote it (column-major, 0s first)."""
+    import torch
+
+    from iuq.data.rle import rle_runs
+    from iuq.evaluation.coco_eval import encode_masks
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        h, w = (int(v) for v in torch.randint(1, 60, (2,), generator=g))
+        mask = torch.rand(1, h, w, generator=g) > torch.rand(1, generator=g)
+        flat = mask[0].t().flatten().tolist()
+        expected, value, n = [], False, 0
+        for v in flat:
+            if v == value:
+                n += 1
+            else:
+                expected.append(n)
+                value, n = v, 1
+        expected.append(n)
+        assert rle_runs(encode_masks(mask)[0]["counts"], h * w) == expected
 
 
 def test_debug_shows_the_traceback(tmp_path):

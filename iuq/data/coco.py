@@ -21,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
+from iuq.data.rle import rle_counts_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +66,11 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
                 raise ValueError(f"uncompressed RLE counts sum to {sum(counts)}, expected {height * width}")
             rle = mask_utils.frPyObjects(segmentation, height, width)
         elif isinstance(counts, (str, bytes)):  # compressed RLE
-            rle = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+            text = counts.decode("ascii", errors="replace") if isinstance(counts, bytes) else counts
+            problem = rle_counts_problem(text, height * width)
+            if problem:
+                raise ValueError(f"compressed RLE: {problem}")
+            rle = {"size": [height, width], "counts": text.encode()}
         else:
             raise ValueError("RLE 'counts' must be a list (uncompressed) or a string (compressed)")
     else:

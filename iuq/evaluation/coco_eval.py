@@ -18,6 +18,8 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
+from iuq.data.rle import rle_counts_problem
+
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -54,6 +56,12 @@ def _results_entry_problem(r) -> str | None:
     seg = r["segmentation"]
     if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
         return "segmentation must be an RLE object with 'size' and 'counts'"
+    size = seg["size"]
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size)):
+        return f"segmentation size must be [height, width], got {size!r}"
+    problem = rle_counts_problem(seg["counts"], size[0] * size[1])
+    if problem:
+        return f"segmentation counts: {problem}"
     if not isinstance(r["score"], (int, float)) or not np.isfinite(r["score"]):
         return f"score must be a finite number, got {r['score']!r}"
     return None
