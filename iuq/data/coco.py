@@ -91,14 +91,66 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
+# Pillow modes read as 16 bits per sample; `convert("RGB")` would clip them to 255 (all white).
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+# Modes Pillow converts to RGB faithfully (palette, alpha, 1-bit, CMYK, YCbCr, LAB, HSV).
+_CONVERTIBLE = ("RGB", "L", "RGBA", "P", "PA", "LA", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La")
+
+
+def unsupported_mode(mode: str) -> str | None:
+    """Why an image of Pillow mode `mode` cannot be used, or None."""
+    if mode in _CONVERTIBLE or mode in _SIXTEEN_BIT or mode == "I":
+        return None
+    if mode == "F":
+        return "floating-point pixels (mode F) have no fixed range; save the image as 8- or 16-bit"
+    return f"pixel mode {mode} is not supported; save the image as 8-bit RGB or grayscale"
+
+
+def image_to_tensor(im: Image.Image) -> torch.Tensor:
+    """A Pillow image -> [3, H, W] float32 in [0, 1]; 16-bit images are scaled by 65535, not clipped."""
+    if im.mode in _SIXTEEN_BIT or im.mode == "I":
+        values = np.asarray(im).astype(np.float32)  # [H, W]
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"32-bit integer pixels outside 0..65535 (range {values.min():g}..{values.max():g})")
+        gray = torch.from_numpy(values / 65535.0)
+        return gray[None].expand(3, -1, -1).contiguous()
+    why = unsupported_mode(im.mode)
+    if why:
+        raise ValueError(why)
+    return pil_to_tensor(im.convert("RGB")).float() / 255.0  # [3, H, W]
+
+
 def read_image(path: str | Path, what: str = "image") -> torch.Tensor:
-    """RGB image file -> [3, H, W] float32 in [0, 1]; unreadable files raise DatasetError naming them."""
+    """Image file -> [3, H, W] float32 in [0, 1]; unreadable files raise DatasetError naming them."""
     try:
         with Image.open(path) as im:
-            image = pil_to_tensor(im.convert("RGB"))  # [3, H, W] uint8
-    except (OSError, UnidentifiedImageError) as err:
+            return image_to_tensor(im)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DatasetError(f"{path}: cannot read {what} ({err}); replace the file or remove its entry") from err
-    return image.float() / 255.0
+
+
+def probe_image(path: Path, width: int, height: int) -> str | None:
+    """Open the header of an image file (no pixels decoded): None if it is readable, of a usable
+    mode and of the size the JSON gives, else what is wrong."""
+    try:
+        with Image.open(path) as im:
+            size, mode = im.size, im.mode
+    except (OSError, UnidentifiedImageError) as err:
+        return f"cannot read the image ({type(err).__name__}: {err})"
+    if size != (width, height):
+        return f"image is {size[0]}x{size[1]} but the JSON says {width}x{height}"
+    return unsupported_mode(mode)
+
+
+def probe_images(paths: dict, sizes: dict, workers: int = 16) -> dict:
+    """probe_image over many files in parallel threads (opening headers is I/O bound):
+    {key: problem} for the bad ones, in the order of `paths`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = list(paths)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = pool.map(lambda k: probe_image(paths[k], *sizes[k]), keys)
+        return {k: why for k, why in zip(keys, found, strict=True) if why}
 
 
 class CocoInstances(torch.utils.data.Dataset):
@@ -152,6 +204,9 @@ class CocoInstances(torch.utils.data.Dataset):
                 self._invalid("image", img.get("id") if isinstance(img, dict) else None, str(err))
                 continue
             self.images[img["id"]] = img
+        self._skipped_images: dict = {}
+        if self.image_dir is not None:
+            self._check_image_files()
 
         self.annotations: dict[int, list[dict]] = {i: [] for i in self.images}
         self.crowd_annotations: list[dict] = []  # valid, kept for evaluation, not training targets
@@ -183,6 +238,25 @@ class CocoInstances(torch.utils.data.Dataset):
                 (self.skipped.annotations + self.skipped.images)[0][1],
             )
 
+    def _check_image_files(self) -> None:
+        """Every image header opened (in parallel) before any training; every bad file reported at once."""
+        paths = {i: self.image_dir / img["file_name"] for i, img in self.images.items()}
+        sizes = {i: (img["width"], img["height"]) for i, img in self.images.items()}
+        problems = {i: f"{paths[i]} (image id {i}): {why}" for i, why in probe_images(paths, sizes).items()}
+        if not problems:
+            return
+        if not self.skip_invalid:
+            listed = "; ".join(list(problems.values())[:5])
+            more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+            raise DatasetError(
+                f"{len(problems)} image file(s) of {self.ann_file} cannot be used: {listed}{more} "
+                f"(or {self.skip_hint} to skip and count such images)"
+            )
+        for image_id, why in problems.items():
+            self.skipped.images.append((image_id, why))
+            self._skipped_images[image_id] = why
+            del self.images[image_id]
+
     def _invalid(self, kind: str, ident, why: str) -> None:
         if not self.skip_invalid:
             raise DatasetError(f"{why} (or {self.skip_hint} to skip and count such entries)")
@@ -194,6 +268,11 @@ class CocoInstances(torch.utils.data.Dataset):
         for key in ("id", "image_id", "category_id", "segmentation"):
             if key not in ann:
                 return f"{where}: missing key '{key}'"
+        for key in ("id", "image_id", "category_id"):
+            if not isinstance(ann[key], int) or isinstance(ann[key], bool):
+                return f"{where}: '{key}' must be an integer, got {ann[key]!r}"
+        if ann["image_id"] in self._skipped_images:
+            return f"{where}: its image was skipped ({self._skipped_images[ann['image_id']]})"
         if ann["image_id"] not in self.images:
             return f"{where}: image_id {ann['image_id']} is not in 'images'"
         if ann["category_id"] not in self.category_to_label:
@@ -276,6 +355,8 @@ def _read_json(path: Path) -> dict:
     for cat in data["categories"]:
         if not isinstance(cat, dict) or "id" not in cat:
             raise DatasetError(f"{path}: category without 'id': {cat}")
+        if not isinstance(cat["id"], int) or isinstance(cat["id"], bool):
+            raise DatasetError(f"{path}: category id {cat['id']!r} must be an integer (COCO ids are integers)")
         if cat["id"] in ids:
             raise DatasetError(f"{path}: category id {cat['id']} appears twice in 'categories'")
         ids.add(cat["id"])
@@ -288,6 +369,8 @@ def _check_image_entry(img: dict, image_dir: Path | None, ann_file: Path) -> Non
     for key in ("id", "file_name", "height", "width"):
         if key not in img:
             raise DatasetError(f"{ann_file}: image entry {img.get('id')} is missing key '{key}'")
+    if not isinstance(img["id"], int) or isinstance(img["id"], bool):
+        raise DatasetError(f"{ann_file}: image id {img['id']!r} must be an integer (COCO ids are integers)")
     for key in ("height", "width"):
         if not isinstance(img[key], int) or img[key] < 1:
             raise DatasetError(f"{ann_file}: image id {img['id']}: '{key}' must be an integer >= 1, not {img[key]!r}")

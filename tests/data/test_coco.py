@@ -159,6 +159,85 @@ def test_not_coco_json_and_missing_or_corrupt_image(tmp_path):
 
     ann, imgs = write_tiny_coco(tmp_path, [])
     (imgs / "a.png").write_bytes(b"not a png")
-    ds = CocoInstances(ann, imgs)
-    with pytest.raises(DatasetError, match="a.png: cannot read image id 1"):
-        ds[0]
+    with pytest.raises(DatasetError, match=r"1 image file\(s\) of .*a.png \(image id 1\): cannot read the image"):
+        CocoInstances(ann, imgs)
+
+
+def _coco_with_images(tmp_path, files: dict, size=(20, 30)) -> tuple:
+    """A COCO JSON naming `files` (name -> bytes, or None for a good 8-bit PNG), one instance each."""
+    import io
+
+    from PIL import Image
+
+    h, w = size
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images, anns = [], []
+    for i, (name, content) in enumerate(files.items(), start=1):
+        if content is None:
+            buf = io.BytesIO()
+            Image.fromarray(np.full((h, w, 3), 100, np.uint8)).save(buf, format="PNG")
+            content = buf.getvalue()
+        (folder / name).write_bytes(content)
+        images.append({"id": i, "file_name": name, "height": h, "width": w})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]})
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}]}))
+    return ann, folder
+
+
+def test_every_bad_image_is_reported_at_once_before_training_and_skip_invalid_skips_them(tmp_path):
+    import io
+
+    from PIL import Image
+
+    wrong = io.BytesIO()
+    Image.fromarray(np.zeros((21, 30, 3), np.uint8)).save(wrong, format="PNG")
+    floats = io.BytesIO()
+    Image.fromarray(np.zeros((20, 30), np.float32)).save(floats, format="TIFF")
+    files = {"good.png": None, "empty.png": b"", "wrong.png": wrong.getvalue(), "float.tif": floats.getvalue()}
+    ann, folder = _coco_with_images(tmp_path, files)
+    with pytest.raises(DatasetError) as err:
+        CocoInstances(ann, folder)
+    message = str(err.value)
+    assert message.startswith(f"3 image file(s) of {ann} cannot be used: ")
+    assert "empty.png (image id 2): cannot read the image" in message
+    assert "wrong.png (image id 3): image is 30x21 but the JSON says 30x20" in message
+    assert "float.tif (image id 4): floating-point pixels (mode F)" in message
+    ds = CocoInstances(ann, folder, skip_invalid=True)
+    assert ds.image_ids == [1] and [i for i, _ in ds.skipped.images] == [2, 3, 4]
+    assert [i for i, _ in ds.skipped.annotations] == [2, 3, 4]  # their annotations go with them
+    assert "its image was skipped" in ds.skipped.annotations[0][1]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped_and_other_modes_converted(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from iuq.data.coco import read_image
+
+    gray16 = (np.arange(20 * 30).reshape(20, 30) * 100).astype(np.uint16)  # up to 59900
+    Image.fromarray(gray16).save(tmp_path / "g16.tif")
+    image = read_image(tmp_path / "g16.tif")
+    assert image.shape == (3, 20, 30)
+    assert torch.allclose(image[0], torch.from_numpy(gray16.astype(np.float32) / 65535.0))
+    assert torch.equal(image[0], image[2]) and float(image.max()) < 0.92  # 59900 / 65535, not white
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 30])
+    palette.save(tmp_path / "p.png")
+    assert read_image(tmp_path / "p.png")[:, 0, 0].mul(255).round().tolist() == [200.0, 10.0, 30.0]
+    buf = io.BytesIO()
+    Image.new("CMYK", (4, 4), (0, 0, 0, 0)).save(buf, format="JPEG")
+    (tmp_path / "c.jpg").write_bytes(buf.getvalue())
+    assert float(read_image(tmp_path / "c.jpg").min()) > 0.95  # CMYK (0, 0, 0, 0) is white
+
+
+def test_ids_must_be_integers(tmp_path):
+    ann, imgs = write_tiny_coco(tmp_path, [], images=[{"id": "a1", "file_name": "a.png", "height": 20, "width": 30}])
+    with pytest.raises(DatasetError, match=r"image id 'a1' must be an integer"):
+        CocoInstances(ann, imgs)
+    seg = [[1, 1, 5, 1, 5, 5]]
+    ann, imgs = write_tiny_coco(tmp_path, [{"id": "x", "image_id": 1, "category_id": 1, "segmentation": seg}])
+    with pytest.raises(DatasetError, match=r"annotation id x: 'id' must be an integer, got 'x'"):
+        CocoInstances(ann, imgs)
