@@ -133,32 +133,20 @@ def _train(args) -> None:
 
 
 def _predict(args) -> None:
-    import torch
+    from iuq.engine.inference import load_trained
+    from iuq.engine.predict import predict_files
 
-    from iuq.data.coco import read_image
-    from iuq.data.transforms import collate
-    from iuq.engine.inference import load_trained, predict, prepare_image
-    from iuq.evaluation.coco_eval import to_results
-    from iuq.visualize import draw_instances, save_png, side_by_side
-
+    if not 0 <= args.threshold <= 1:
+        raise UsageError(f"--threshold: must be in [0, 1], got {args.threshold}")
     trained = load_trained(args.model)
-    device = _device(args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for number, path in enumerate(args.images, start=1):
-        image = read_image(path)
-        pred = predict(trained, collate([prepare_image(image, trained)]), device)[0]
-        masks, scores, labels = pred["masks"].cpu(), pred["scores"].cpu(), pred["labels"].cpu()
-        categories = torch.as_tensor(trained.label_to_category)[labels]
-        for r in to_results(number, masks, scores, categories):
-            results.append({**r, "file_name": str(path)})
-        keep = scores >= args.threshold
-        drawn = draw_instances(image, masks[keep], labels[keep], trained.class_names, scores[keep])
-        title = f"{Path(path).name}: {int(keep.sum())} instances with score >= {args.threshold:g}"
-        save_png(side_by_side([(title, drawn)]), args.out / f"{Path(path).stem}.png")
-        print(f"{path}: {int(keep.sum())} instances with score >= {args.threshold}")
-    (args.out / "results.json").write_text(json.dumps(results))
-    print(f"overlays and results.json ({len(results)} results; image_id = position in the list) in {args.out}")
+    report = predict_files(trained, args.images, args.out, args.threshold, _device(args.device))
+    print(f"overlays and results.json ({len(report.results)} results; image_id = position in the list) in {args.out}")
+    if report.failed:
+        listed = "; ".join(why for _, why in report.failed[:3])
+        raise UsageError(
+            f"{len(report.failed)} image(s) could not be read (the results of the others are in "
+            f"{args.out / 'results.json'}): {listed}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="instance masks of images: PNG overlays and a COCO results JSON")
     s.add_argument("model", type=Path, help="a run directory, its checkpoints/last.ckpt or its model/ directory")
-    s.add_argument("images", nargs="+", type=Path)
+    s.add_argument("images", nargs="+", type=Path, help="image files and/or folders of images")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--threshold", type=float, default=0.5, help="score threshold of the overlays")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

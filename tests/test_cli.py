@@ -153,9 +153,19 @@ def test_a_corrupt_training_image_stops_the_run_with_one_line(tiny_data, tmp_pat
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     victim = sorted((data / "train").glob("*.png"))[0]
-    victim.write_bytes(victim.read_bytes()[:40])  # a truncated PNG
-    extra = {"data.num_workers": 1, "train.max_epochs": 1}  # the error is raised in a loader worker
+    content = victim.read_bytes()
+    victim.write_bytes(content[:40])  # no complete header: found before training starts
+    extra = {"data.num_workers": 1, "train.max_epochs": 1}
     overrides = [a for kv in tiny_overrides(data, tmp_path / "run", **extra) for a in ("--set", kv)]
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("iuq: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert f"{victim.name} (image id " in lines[0] and "cannot read the image" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # A header that reads but pixel data cut short is found when the image is loaded, in a loader worker.
+    victim.write_bytes(content[: len(content) // 2])
+    overrides = [a for kv in tiny_overrides(data, tmp_path / "run2", **extra) for a in ("--set", kv)]
     assert main(["train", *overrides]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("iuq: error:")]

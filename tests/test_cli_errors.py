@@ -86,10 +86,13 @@ def test_missing_and_corrupt_images(capsys, tmp_path):
     line = _error(capsys, ["data", "stats", str(COCO_JSON), "--images", str(images)])
     assert "000000000149.jpg" in line and "image id 149 not found" in line
     (images / "000000000149.jpg").write_bytes(b"not a jpeg")
-    line = _error(
-        capsys, ["data", "preview", "--data", str(COCO_JSON), "--images", str(images), "--out", str(tmp_path)]
-    )
-    assert "000000000149.jpg" in line and "cannot read image id 149" in line
+    (images / "000000000250.jpg").write_bytes(b"")
+    line = _error(capsys, ["data", "stats", str(COCO_JSON), "--images", str(images)])  # both at once
+    assert line.startswith(f"iuq: error: 2 image file(s) of {COCO_JSON} cannot be used: ")
+    assert "000000000149.jpg (image id 149): cannot read the image" in line
+    assert "000000000250.jpg (image id 250): cannot read the image" in line
+    assert main(["data", "stats", str(COCO_JSON), "--images", str(images), "--skip-invalid"]) == 0
+    assert "skipped              " in capsys.readouterr().out
     line = _error(capsys, ["data", "stats", str(COCO_JSON), "--images", str(tmp_path / "no-such-folder")])
     assert "no-such-folder" in line and "image folder" in line
 

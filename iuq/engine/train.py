@@ -30,6 +30,7 @@ from iuq.engine.interrupt import GracefulStop
 from iuq.engine.module import IUQModule
 from iuq.engine.run_dir import ContinuingCSVLogger, RunLock, check_resume_config, ensure_writable
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, format_table, write_metrics
+from iuq.models.paste import paste_masks, select
 from iuq.visualize import draw_instances, save_png, side_by_side
 
 
@@ -260,8 +261,10 @@ def draw_predictions(
     for i, batch in enumerate(loader):
         if i >= num:
             break
-        pred = {k: v.cpu() for k, v in predict(trained, batch, device)[0].items()}
+        pred = predict(trained, batch, device)[0]
         keep = pred["scores"] >= threshold
+        kept = select(pred, keep)
+        masks = paste_masks(kept).cpu()
         image_id = batch["targets"][0]["image_id"]
         image = dataset.load_image(image_id)
         truth = dataset.load_target(image_id)
@@ -272,9 +275,7 @@ def draw_predictions(
             ),
             (
                 f"prediction ({int(keep.sum())} with score >= {threshold:g})",
-                draw_instances(
-                    image, pred["masks"][keep], pred["labels"][keep], trained.class_names, pred["scores"][keep]
-                ),
+                draw_instances(image, masks, kept["labels"].cpu(), trained.class_names, kept["scores"].cpu()),
             ),
         ]
         save_png(side_by_side(panels), out / f"{image_id}.png")

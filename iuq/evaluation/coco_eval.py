@@ -19,6 +19,7 @@ import pycocotools.mask as mask_utils
 import torch
 
 from iuq.data.rle import rle_counts_problem
+from iuq.models.paste import mask_chunks
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -210,10 +211,15 @@ class CocoMaskEvaluator:
         self._results: list[dict] = []
 
     def process(self, image_ids: list[int], outputs: list[dict]) -> None:
-        """outputs[i]: `masks` [N, H, W] bool at original size, `scores` [N], `labels` [N]."""
+        """outputs[i]: a model's prediction (`iuq.models.paste`: masks pasted and encoded a chunk at a
+        time), or plain `masks` [N, H, W] bool at the original size; with `scores` [N], `labels` [N]."""
         for image_id, out in zip(image_ids, outputs, strict=True):
             categories = self.label_to_category[out["labels"].cpu()]
-            self._results.extend(to_results(image_id, out["masks"], out["scores"], categories))
+            scores = out["scores"].cpu()
+            chunks = [(0, out["masks"])] if "masks" in out else mask_chunks(out)
+            for start, masks in chunks:
+                end = start + len(masks)
+                self._results.extend(to_results(image_id, masks, scores[start:end], categories[start:end]))
 
     @property
     def results(self) -> list[dict]:

@@ -32,7 +32,6 @@ from iuq.models.dense import (
     DenseSegmenter,
     average_over_ranks,
     conv_norm_relu,
-    masks_to_image,
     per_view_losses,
     prior_bias,
     tower,
@@ -46,6 +45,7 @@ from iuq.models.fcos import (
     mask_centres,
     scale_ranges,
 )
+from iuq.models.paste import low_res_prediction
 from iuq.models.pyramid import Pyramid, build_backbone
 
 
@@ -304,7 +304,7 @@ class CondInst(DenseSegmenter):
     def predict_instances(
         self, images: torch.Tensor, pixel_mask: torch.Tensor | None, sizes, orig_sizes, top_k: int = 100
     ) -> list[dict]:
-        """Per image `masks` [N, H0, W0] bool, `scores` [N], `labels` [N] at the original size.
+        """Per image a prediction of `iuq.models.paste` (`scores` [N], `labels` [N], masks at stride 8).
 
         FCOS detections: locations whose class probability passes `score_threshold`, the best
         `pre_nms_topk` per level by sqrt(class x centerness), class-aware NMS, the best `top_k`;
@@ -336,7 +336,7 @@ class CondInst(DenseSegmenter):
             loc, labels, scores = loc[keep], labels[keep], scores[keep]
             qxy = self.query_xy(heads["xy"][loc], heads["level"][loc], heads["canvas"])
             logits = self.decode(heads["mask_feats"][i], heads["params"][i][loc], qxy)  # [K, h8, w8]
-            logits = masks_to_image(logits, self.stride, sizes[i], orig_sizes[i])
-            masks = logits.sigmoid() > c.mask_threshold
-            results.append({"masks": masks, "scores": scores, "labels": labels})
+            results.append(
+                low_res_prediction(logits, scores, labels, self.stride, sizes[i], orig_sizes[i], c.mask_threshold)
+            )
         return results

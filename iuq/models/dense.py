@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,17 +94,6 @@ def tower(cin: int, channels: int, depth: int, norm: str = "gn") -> nn.Sequentia
 def prior_bias(p: float = 0.01) -> float:
     """Bias of a classification layer so that every class starts at probability p (focal loss)."""
     return -float(torch.log(torch.tensor((1 - p) / p)))
-
-
-def masks_to_image(logits: torch.Tensor, stride: int, size: tuple[int, int], orig: tuple[int, int]) -> torch.Tensor:
-    """logits [K, h, w] at `stride` on the padded canvas -> [K, H0, W0] logits at the original image
-    size: upsampled to the canvas, the padding cropped to the valid `size` (h, w), then resized."""
-    if logits.shape[0] == 0:
-        return logits.new_zeros((0, *orig))
-    hp, wp = logits.shape[-2] * stride, logits.shape[-1] * stride
-    x = F.interpolate(logits[None], size=(hp, wp), mode="bilinear", align_corners=False)[0]
-    x = x[:, : size[0], : size[1]]
-    return F.interpolate(x[None], size=orig, mode="bilinear", align_corners=False)[0]
 
 
 class DenseSegmenter(nn.Module):

@@ -43,6 +43,7 @@ from iuq.models.backbones import (
 )
 from iuq.models.config import ModelConfig
 from iuq.models.dense import mean_mask_count
+from iuq.models.paste import low_res_prediction, pasted_logits
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,8 @@ class Mask2FormerAdapter(nn.Module):
 
     @torch.no_grad()
     def predict_instances(self, images, pixel_mask, sizes, orig_sizes, top_k: int = 100) -> list[dict]:
-        """Per image `masks` [N, H0, W0] bool, `scores` [N], `labels` [N] at the original size."""
+        """Per image a prediction of `iuq.models.paste`: `scores` [N], `labels` [N] and masks at the
+        model's resolution, pasted at the original size on demand."""
         return instance_predictions(self(images, pixel_mask), sizes, orig_sizes, top_k=top_k)
 
     @property
@@ -298,32 +300,29 @@ def instance_predictions(
     output: SegmenterOutput, sizes: list[tuple[int, int]], orig_sizes: list[tuple[int, int]], top_k: int = 100
 ) -> list[dict]:
     """Mask2Former's instance inference: top-k (query, class) pairs by class probability, scored by
-    class probability x mean mask probability inside the predicted mask.
+    class probability x mean mask probability inside the predicted mask (at the original size, as
+    the original implementation scores, pasted in chunks: `iuq.models.paste`).
 
     Args:
         output: a forward's output on a padded batch.
         sizes: per image (h, w) of the valid (unpadded) region in the input.
-        orig_sizes: per image (H, W) to resize masks to (the dataset's original size).
-    Returns per image `masks` [N, H, W] bool, `scores` [N], `labels` [N] (contiguous labels).
+        orig_sizes: per image (H, W) of the original image.
+    Returns per image a prediction of `iuq.models.paste` (`scores` [N], `labels` [N] contiguous,
+    `mask_logits` [N, h/4, w/4], ...).
     """
     b, q, num_cls = output.class_logits.shape[0], output.class_logits.shape[1], output.class_logits.shape[2] - 1
-    stride = output.stride
     results = []
     for i in range(b):
         probs = output.class_logits[i].softmax(-1)[:, :num_cls]  # [Q, C] (last column: no object)
         k = min(top_k, q * num_cls)
         scores, flat = probs.flatten().topk(k)
         query, labels = flat // num_cls, flat % num_cls
-        h, w = sizes[i]
-        logits = output.mask_logits[i, query]  # [k, h/4, w/4] on the padded grid
-        hp, wp = logits.shape[-2] * stride, logits.shape[-1] * stride
-        logits = torch.nn.functional.interpolate(logits[None], size=(hp, wp), mode="bilinear", align_corners=False)
-        logits = logits[0, :, :h, :w]  # crop the padding
-        logits = torch.nn.functional.interpolate(
-            logits[None], size=orig_sizes[i], mode="bilinear", align_corners=False
-        )[0]
-        masks = logits > 0
-        mask_prob = logits.sigmoid()
-        mask_score = (mask_prob * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
-        results.append({"masks": masks, "scores": scores * mask_score, "labels": labels})
+        pred = low_res_prediction(output.mask_logits[i, query], scores, labels, output.stride, sizes[i], orig_sizes[i])
+        mask_score = torch.zeros_like(scores)
+        for start, logits in pasted_logits(pred):
+            masks = logits > 0
+            inside = (logits.sigmoid() * masks).flatten(1).sum(1) / masks.flatten(1).sum(1).clamp(min=1)
+            mask_score[start : start + len(logits)] = inside
+        pred["scores"] = scores * mask_score
+        results.append(pred)
     return results

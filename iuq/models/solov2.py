@@ -31,13 +31,13 @@ from iuq.models.dense import (
     DenseOutput,
     DenseSegmenter,
     conv_norm_relu,
-    masks_to_image,
     per_view_losses,
     prior_bias,
     tower,
 )
 from iuq.models.fcos import mask_centres
 from iuq.models.matrix_nms import matrix_nms
+from iuq.models.paste import low_res_prediction
 from iuq.models.pyramid import Pyramid, build_backbone
 
 
@@ -311,7 +311,7 @@ class SOLOv2(DenseSegmenter):
     def predict_instances(
         self, images: torch.Tensor, pixel_mask: torch.Tensor | None, sizes, orig_sizes, top_k: int = 100
     ) -> list[dict]:
-        """Per image `masks` [N, H0, W0] bool, `scores` [N], `labels` [N] at the original size: cells
+        """Per image a prediction of `iuq.models.paste` (`scores` [N], `labels` [N], masks at stride 4): cells
         that are 2x2 local maxima above `score_threshold`, scored by class x maskness, the best
         `nms_pre`, Matrix NMS, those still above `update_threshold`, the best `top_k`."""
         c = self.cfg
@@ -342,8 +342,9 @@ class SOLOv2(DenseSegmenter):
             scores, logits, labels = scores[keep], logits[keep], labels[keep]
             scores, order = scores.sort(descending=True)
             order = order[:top_k]
-            logits = masks_to_image(logits[order], self.stride, sizes[i], orig_sizes[i])
             results.append(
-                {"masks": logits.sigmoid() > c.mask_threshold, "scores": scores[:top_k], "labels": labels[order]}
+                low_res_prediction(
+                    logits[order], scores[:top_k], labels[order], self.stride, sizes[i], orig_sizes[i], c.mask_threshold
+                )
             )
         return results

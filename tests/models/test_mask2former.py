@@ -100,6 +100,7 @@ def test_save_pretrained_loads_in_plain_transformers_with_identical_outputs(tmp_
 
 def test_instance_predictions_on_a_constructed_output():
     from iuq.models.mask2former import SegmenterOutput, instance_predictions
+    from iuq.models.paste import paste_masks
 
     # One image, valid 32x24 of a 32x32 padded canvas, stride 4 -> 8x8 logits; 2 queries, 3 classes.
     mask_logits = torch.full((1, 2, 8, 8), -200.0)
@@ -112,10 +113,11 @@ def test_instance_predictions_on_a_constructed_output():
     p0 = torch.tensor([5.0, 0, 0, 0]).softmax(0)[0]
     assert pred["labels"].tolist()[0] == 0
     assert pred["scores"][0].item() == pytest.approx(p0.item(), rel=1e-4)  # mask prob ~1 inside its mask
-    assert pred["masks"].shape == (2, 64, 48)
+    masks = paste_masks(pred)
+    assert masks.shape == (2, 64, 48) and pred["mask_logits"].shape == (2, 8, 8)
     # The block covers input rows 0-16 and columns 0-12, i.e. 0-32 x 0-24 at the original size; the
     # two bilinear resizes move the edge by at most a few pixels.
-    m = pred["masks"][0]
+    m = masks[0]
     assert m[:28, :20].all() and not m[34:].any() and not m[:, 26:].any()
 
 
