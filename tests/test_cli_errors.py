@@ -214,3 +214,21 @@ def test_predict_on_a_corrupt_image_names_it(capsys, tmp_path):
     assert "tile.png" in line and "cannot read" in line
     line = _error(capsys, ["predict", str(tmp_path / "model"), str(tmp_path / "gone.png"), "--out", str(tmp_path)])
     assert "gone.png" in line
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("train.max_steps=0", "train.max_steps: must be >= 1, got 0"),
+        ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
+        ("train.max_epochs=-2", "train.max_epochs: must be >= 1, got -2"),
+        ("data.flip_p=1.5", "data.flip_p: must be in [0, 1], got 1.5"),
+        ("eval.batch_size=0", "eval.batch_size: must be >= 1, got 0"),
+        ("train.print_every_steps=0", "train.print_every_steps: must be >= 1, got 0"),
+        ("data.train_short_side=[900,800]", "data.train_short_side: need [lo, hi] with 1 <= lo <= hi"),
+    ],
+)
+def test_out_of_range_settings_name_the_key(capsys, tmp_path, setting, message):
+    line = _error(capsys, ["train", "--set", setting, "--out", str(tmp_path / "run")])
+    assert line == f"iuq: error: {message}" or (line.startswith("iuq: error: ") and message in line)
+    assert not (tmp_path / "run").exists()

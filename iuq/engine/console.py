@@ -31,7 +31,7 @@ _NOISE_WARNINGS = [
     # Lightning's advice to raise num_workers on a loader we size on purpose (CPU runs share cores).
     (UserWarning, r"The '\w+_dataloader' does not have many workers"),
     # The train loader resumes from the optimiser step (`StepSampler`), which Lightning cannot see.
-    (UserWarning, r"resuming from a checkpoint that ended before the epoch ended and your dataloader"),
+    (UserWarning, r"You.re resuming from a checkpoint that ended before the epoch ended and your dataloader"),
     # A resumed run writes into its own checkpoint folder on purpose (a new run there is refused).
     (UserWarning, r"Checkpoint directory .* exists and is not empty"),
 ]

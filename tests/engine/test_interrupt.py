@@ -70,7 +70,9 @@ def test_signal_then_resume_equals_the_uninterrupted_run(tiny_data, straight, tm
         [sys.executable, "-m", "iuq.cli", "train", "--resume", "--out", str(out)], capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert "will be deleted" not in resumed.stdout + resumed.stderr
+    chatter = resumed.stdout + resumed.stderr
+    assert "will be deleted" not in chatter and "dataloader is not resumable" not in chatter
+    assert "exists and is not empty" not in chatter
     assert_same_weights(straight, load_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"])
     # One log row per step, those before the interruption included.
     import csv
