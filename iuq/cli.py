@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iuq: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("iuq: interrupted", file=sys.stderr)
+        print("iuq: interrupted (a stopped run continues with `iuq train --resume --out DIR`)", file=sys.stderr)
         return 130
     except Exception as err:  # the edge of the program: one line for the user, the traceback on --debug
         if args.debug:

@@ -209,6 +209,7 @@ def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks:
     trainer.fit(
         module, datamodule=RunData(cfg, train_set, val_set), ckpt_path=last if resume else None, weights_only=True
     )
+    stop.restore()  # from here a signal interrupts at once: the final checkpoint is written below
     if stop.stopping:  # SIGINT / SIGTERM: the checkpoint is written, no evaluation or export
         raise stop.interrupted(trainer.global_step, saved=True)
     trainer.save_checkpoint(last, weights_only=False)  # the final state, also when max_steps ends mid-epoch
