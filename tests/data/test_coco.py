@@ -241,3 +241,11 @@ def test_ids_must_be_integers(tmp_path):
     ann, imgs = write_tiny_coco(tmp_path, [{"id": "x", "image_id": 1, "category_id": 1, "segmentation": seg}])
     with pytest.raises(DatasetError, match=r"annotation id x: 'id' must be an integer, got 'x'"):
         CocoInstances(ann, imgs)
+
+
+def test_the_package_exports_the_dataset():
+    import iuq.data
+
+    assert iuq.data.CocoInstances is CocoInstances and iuq.data.DatasetError is DatasetError
+    ds = iuq.data.CocoInstances(COCO_JSON, COCO_IMAGES)
+    assert len(ds) == 6 and ds[0][0].shape[0] == 3
