@@ -152,3 +152,19 @@ def test_two_runs_started_together_one_is_refused(tiny_data, tmp_path):  # noqa:
     first.wait()
     assert second.returncode == 2
     assert f"is in use by another iuq process (pid {first.pid}" in second.stderr
+
+
+def test_a_signal_before_the_first_step_stops_cleanly_and_the_run_can_start_again(tiny_data, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    proc = subprocess.Popen(cli(tiny_data, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("out "):  # the summary's last line, printed just before training starts
+            proc.send_signal(signal.SIGINT)
+            break
+    lines.extend(proc.stdout)
+    assert proc.wait(timeout=300) == 130
+    assert "iuq: SIGINT: stopped before the first step; nothing to resume, start the run again" in "".join(lines)
+    assert not (out / "checkpoints" / "last.ckpt").exists()
+    RunLock(out).acquire().release()  # the folder is free
