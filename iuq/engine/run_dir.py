@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from iuq.config import ConfigError, RunConfig
+from iuq.config import ConfigError, RunConfig, from_dict
 
 
 class RunDirError(ValueError):
@@ -108,6 +108,10 @@ def config_differences(saved: dict, given: dict) -> list[str]:
 def check_resume_config(cfg: RunConfig, last: Path) -> None:
     """Refuse to resume `last` with a config that would train another model or on other data."""
     saved = checkpoint_config(last)
+    try:  # keys added to iuq since the checkpoint was written take their defaults, as on load
+        saved = from_dict(RunConfig, saved).to_dict()
+    except ConfigError:
+        pass  # a key since removed: compare as saved, the difference is then named
     differing = config_differences(saved, cfg.to_dict())
     if differing:
         shown = ", ".join(f"{k} ({_get(saved, k)!r} -> {_get(cfg.to_dict(), k)!r})" for k in differing[:6])

@@ -168,3 +168,23 @@ def test_a_signal_before_the_first_step_stops_cleanly_and_the_run_can_start_agai
     assert "iuq: SIGINT: stopped before the first step; nothing to resume, start the run again" in "".join(lines)
     assert not (out / "checkpoints" / "last.ckpt").exists()
     RunLock(out).acquire().release()  # the folder is free
+
+
+def test_resume_check_fills_keys_added_since_the_checkpoint_and_names_real_differences(tmp_path):
+    from iuq.engine.run_dir import check_resume_config
+
+    cfg = load_config(None, [f"out={tmp_path}"])
+    old = cfg.to_dict()
+    del old["iuq"]["focal_alpha"]  # a checkpoint written before this key existed
+    torch.save({"hyper_parameters": {"config": old}, "global_step": 3}, tmp_path / "last.ckpt")
+    check_resume_config(cfg, tmp_path / "last.ckpt")  # the default fills the gap: no difference
+    longer = load_config(None, [f"out={tmp_path}", "train.max_steps=900", "data.num_workers=0"])
+    check_resume_config(longer, tmp_path / "last.ckpt")  # length and loader workers may change
+    other = load_config(None, [f"out={tmp_path}", "train.seed=1", "iuq.focal_alpha=0.9"])
+    with pytest.raises(ConfigError, match=r"in iuq\.focal_alpha \(0\.1 -> 0\.9\), train\.seed \(0 -> 1\); resume"):
+        check_resume_config(other, tmp_path / "last.ckpt")
+    (tmp_path / "bad.ckpt").write_bytes(b"truncated")
+    from iuq.engine.inference import CheckpointError
+
+    with pytest.raises(CheckpointError, match="bad.ckpt: cannot be read as an iuq checkpoint"):
+        check_resume_config(cfg, tmp_path / "bad.ckpt")
