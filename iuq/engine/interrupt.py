@@ -26,7 +26,7 @@ class RunInterrupted(Exception):
 
 
 class GracefulStop(L.Callback):
-    """Install with `handlers()` around `trainer.fit`; the callback does the stopping."""
+    """`install()` before `trainer.fit` and `restore()` after it; as a callback it does the stopping."""
 
     def __init__(self, last: Path, resume_command: str):
         self.last, self.resume_command = last, resume_command
@@ -83,11 +83,9 @@ class GracefulStop(L.Callback):
         """The exception that ends the command (exit code 128 + signal)."""
         signum = self.signum or signal.SIGINT
         name = signal.Signals(signum).name
-        if saved:
-            what = f"checkpoint of step {step} written to {self.last}"
-        elif self.last.is_file():
-            what = f"stopped before the first step; {self.last} is unchanged"
-        else:
-            what = "stopped before the first step; nothing to resume, start the run again"
-            return RunInterrupted(f"{name}: {what}", signum)
-        return RunInterrupted(f"{name}: {what}; resume with: {self.resume_command}", signum)
+        if not saved and not self.last.is_file():
+            return RunInterrupted(
+                f"{name}: stopped before the first step; nothing to resume, start the run again", signum
+            )
+        what = f"checkpoint of step {step} written to" if saved else "stopped before the first step; unchanged:"
+        return RunInterrupted(f"{name}: {what} {self.last}; resume with: {self.resume_command}", signum)

@@ -80,20 +80,23 @@ class RunLock:
             self._owner.unlink(missing_ok=True)
             self._lock.release()
 
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
 
 def checkpoint_config(path: Path) -> dict:
-    """The run config a checkpoint was trained with (memory-mapped: the weights are not read)."""
+    """The run config a checkpoint was trained with."""
+    return dict(_checkpoint_field(path, "hyper_parameters")["config"])
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimiser step a checkpoint was written at."""
+    return int(_checkpoint_field(path, "global_step"))
+
+
+def _checkpoint_field(path: Path, key: str):
+    """One entry of a checkpoint, memory-mapped (the weights are not read)."""
     from iuq.engine.inference import CheckpointError
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return dict(ckpt["hyper_parameters"]["config"])
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)[key]
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: cannot be read as an iuq checkpoint ({type(e).__name__}: {e})") from e
 

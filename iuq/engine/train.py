@@ -28,7 +28,7 @@ from iuq.engine.data import open_split, test_loader, train_loader
 from iuq.engine.inference import TrainedModel, evaluate, predict, save_model_dir
 from iuq.engine.interrupt import GracefulStop
 from iuq.engine.module import IUQModule
-from iuq.engine.run_dir import ContinuingCSVLogger, RunLock, check_resume_config, ensure_writable
+from iuq.engine.run_dir import ContinuingCSVLogger, RunLock, check_resume_config, checkpoint_step, ensure_writable
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, format_table, write_metrics
 from iuq.models.paste import paste_masks, select
 from iuq.visualize import draw_instances, save_png, side_by_side
@@ -218,11 +218,6 @@ def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks:
     with open(out / "timing.json", "w") as f:  # read by `iuq ablate`; s/step of this process's steps
         json.dump({"timed_steps": timer.timed_steps, "s_per_step": timer.seconds_per_step}, f)
     return finish(cfg, module, val_set, out)
-
-
-def checkpoint_step(path: Path) -> int:
-    """The optimiser step a checkpoint was written at (memory-mapped: the weights are not read)."""
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out: Path) -> dict[str, float] | None:
