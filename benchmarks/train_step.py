@@ -64,7 +64,9 @@ def main() -> None:
     }.items():
         torch.manual_seed(0)
         model = build_model(model_cfg).to(device)
-        crit = IUQCriterion(cfg, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight).to(device)
+        crit = IUQCriterion(
+            cfg, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight, model.equi_upsample
+        ).to(device)
         if crit.memory is not None:  # a full memory, as in steady-state training
             crit.memory.embeddings.normal_()
             crit.memory.count.fill_(args.memory)

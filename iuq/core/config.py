@@ -39,6 +39,20 @@ class IUQConfig:
     inter_batch_grad: the batch's own negatives carry gradient into the other images' pixel
         embeddings (Eq. 5 has no stop-gradient); memory entries are constants either way.
     inter_views: whose matched queries enter L_inter: "all" views or the "original" views only.
+
+    Switches for failure modes measured on the dense models (docs/evidence.md); off by default:
+    warmup_steps: both IUQ weights ramp linearly from 0 to their values over this many optimiser
+        steps (0: full weight from the first step).
+    inter_center: L_inter decodes the negatives' embeddings minus a running mean of instance-pixel
+        embeddings (detached, momentum `inter_center_momentum`), so a kernel of constant sign against
+        non-negative (ReLU) features is no longer an exact zero of L_inter. Inference is unchanged.
+    query_reduction: "location" (every matched query counts once) or "instance" (the queries matched
+        to one instance are averaged first, in L_inter and in L_equi, so an instance with 18 positive
+        locations weighs as much as one with 4; Mask2Former has one query per instance either way).
+    equi_weight_base: "weighted" (lambda times the base model's weighted mask loss, e.g. 3 x dice for
+        SOLOv2) or "unit" (lambda times the unweighted form).
+    equi_stopgrad: "none", "features" (L_equi does not train f(I) through g(f(I))) or "queries" (it
+        does not train the g-view's queries): a one-sided stop-gradient, as in SimSiam.
     """
 
     inter: bool = True
@@ -64,6 +78,12 @@ class IUQConfig:
     inter_scale: str = "pair_mean"
     inter_batch_grad: bool = False
     inter_views: str = "all"
+    warmup_steps: int = 0
+    inter_center: bool = False
+    inter_center_momentum: float = 0.99
+    query_reduction: str = "location"
+    equi_weight_base: str = "weighted"
+    equi_stopgrad: str = "none"
 
     def __post_init__(self) -> None:
         choices = {
@@ -74,6 +94,9 @@ class IUQConfig:
             "crop_mode": ("stretch", "keep_aspect", "no_resize"),
             "inter_scale": ("pair_mean", "mask_weight"),
             "inter_views": ("all", "original"),
+            "query_reduction": ("location", "instance"),
+            "equi_weight_base": ("weighted", "unit"),
+            "equi_stopgrad": ("none", "features", "queries"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -85,6 +108,10 @@ class IUQConfig:
         for name in ("inter_weight", "equi_weight", "focal_gamma"):
             if getattr(self, name) < 0:
                 raise ValueError(f"iuq.{name}: must be >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ValueError(f"iuq.warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+        if not 0 <= self.inter_center_momentum < 1:
+            raise ValueError(f"iuq.inter_center_momentum: must be in [0, 1), got {self.inter_center_momentum!r}")
         if not 0 < self.focal_alpha < 1:
             raise ValueError(f"iuq.focal_alpha: must be in (0, 1), got {self.focal_alpha!r}")
         if not 0 <= self.flip_p <= 1:

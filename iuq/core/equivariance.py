@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from iuq.core.sampling import downsample_masks, grid_xy
 from iuq.core.transforms import BatchTransform
@@ -34,6 +35,9 @@ def equivariance_loss(
     valid_g: torch.Tensor | None = None,
     query_xy_g: list[torch.Tensor] | None = None,
     num_masks: float | None = None,
+    upsample: int = 1,
+    query_groups: list[torch.Tensor] | None = None,
+    stopgrad: str = "none",
 ) -> torch.Tensor:
     """Equivariance objective of one batch.
 
@@ -51,12 +55,25 @@ def equivariance_loss(
         valid_g: [B, h, w] bool valid (non-padding) cells of the g-view embeddings, for "feature".
         query_xy_g: B tensors [Q_i, 2 or 3] for decoders that use coordinates.
         num_masks: normaliser of the mask loss (default: total number of queries, at least 1).
+        upsample: the base loss's mask grid is this many times finer than the embeddings' (CondInst:
+            2, stride 8 -> 4): the logits are upsampled bilinearly to it and the targets taken there,
+            by the base loss's rule (majority vote per cell).
+        query_groups: B tensors [Q_i], the instance each query is matched to: the queries of one
+            instance are averaged first (`iuq.query_reduction: instance`), and `num_masks` then counts
+            instances. None: every query counts once.
+        stopgrad: "none", "features" (g(f(I)) is a constant) or "queries" (q^g is a constant).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown equivariance variant {variant!r}; use one of {VARIANTS}")
+    if stopgrad not in ("none", "features", "queries"):
+        raise ValueError(f"unknown equivariance stop-gradient {stopgrad!r}; use 'none', 'features' or 'queries'")
     zero = pixel_embeddings.sum() * 0 + sum(q.sum() * 0 for q in queries_g)
     if variant == "augmentation":
         return zero
+    if stopgrad == "features":
+        pixel_embeddings = pixel_embeddings.detach()
+    elif stopgrad == "queries":
+        queries_g = [q.detach() for q in queries_g]
     b, d, h, w = pixel_embeddings.shape
     g_of_f = g.apply(pixel_embeddings)  # [B, D, h, w] = g(f(I))
     if variant == "feature":
@@ -69,15 +86,30 @@ def equivariance_loss(
     total_q = sum(q.shape[0] for q in queries_g)
     if total_q == 0:
         return zero
-    norm = num_masks if num_masks is not None else total_q
+    if num_masks is not None:
+        norm = num_masks
+    elif query_groups is not None:
+        norm = max(sum(int(torch.unique(x).numel()) for x in query_groups), 1)
+    else:
+        norm = total_q
     xy = grid_xy(h, w, pixel_embeddings.device)  # [h*w, 2]
+    out_size = (h * upsample, w * upsample)
     loss = zero
     for i in range(b):
         if queries_g[i].shape[0] == 0:
             continue
         pixels = g_of_f[i].flatten(1).t()  # [h*w, D]
         qxy = query_xy_g[i] if query_xy_g is not None else None
-        logits = decoder(queries_g[i], pixels, xy, qxy)  # [Q_i, h*w]
-        targets = downsample_masks(target_masks_g[i], (h, w)).flatten(1)  # [Q_i, h*w]
-        loss = loss + mask_loss(logits, targets, norm)
+        logits = decoder(queries_g[i], pixels, xy, qxy).reshape(-1, h, w)  # [Q_i, h, w]
+        if upsample != 1:
+            logits = F.interpolate(logits[None], size=out_size, mode="bilinear", align_corners=False)[0]
+        targets = downsample_masks(target_masks_g[i], out_size).flatten(1)  # [Q_i, h'*w']
+        logits = logits.flatten(1)
+        if query_groups is None:
+            loss = loss + mask_loss(logits, targets, norm)
+            continue
+        groups = query_groups[i].to(logits.device)
+        for k in torch.unique(groups).tolist():  # an instance: the mean over its queries
+            rows = (groups == k).nonzero()[:, 0]
+            loss = loss + mask_loss(logits[rows], targets[rows], norm * rows.numel())
     return loss

@@ -54,6 +54,7 @@ def inter_scene_loss(
     gamma: float = 2.5,
     chunk_size: int = 16384,
     reduction: str = "mean",
+    query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean (or, with reduction="sum", sum of the) per-pair loss toward 0 over (query, pixel) pairs
     of different images.
@@ -68,6 +69,8 @@ def inter_scene_loss(
         loss: "focal" (alpha, gamma), "bce", "l1" or "l2" (Table 4a).
         chunk_size: pixels per chunk; bounds peak memory at about Q * chunk_size elements per
             intermediate.
+        query_weights: [Q] weight of each query's pairs, in the sum and in the pair count (default 1;
+            `iuq.query_reduction: instance` gives a query 1 / its instance's number of queries).
 
     Returns a scalar; with no valid pair it is a zero that stays connected to `queries`.
     """
@@ -90,16 +93,23 @@ def inter_scene_loss(
         gamma,
         chunk_size,
         reduction == "mean",
+        query_weights,
     )
 
 
-def pair_count(query_image_ids: torch.Tensor, pixel_image_ids: torch.Tensor) -> torch.Tensor:
-    """Number of (query, pixel) pairs from different images, without forming the [Q, P] matrix:
-    Q * P minus, per image id, (its queries) x (its pixels)."""
+def pair_count(
+    query_image_ids: torch.Tensor, pixel_image_ids: torch.Tensor, query_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Number of (query, pixel) pairs from different images (each query's pairs weighted by
+    `query_weights`), without forming the [Q, P] matrix: sum of weights x P minus, per image id,
+    (its queries' weights) x (its pixels)."""
     ids, inverse = torch.unique(torch.cat([query_image_ids, pixel_image_ids]), return_inverse=True)
-    q = torch.bincount(inverse[: query_image_ids.shape[0]], minlength=ids.shape[0])
-    p = torch.bincount(inverse[query_image_ids.shape[0] :], minlength=ids.shape[0])
-    return query_image_ids.shape[0] * pixel_image_ids.shape[0] - (q * p).sum()
+    nq = query_image_ids.shape[0]
+    w = torch.ones(nq, device=query_image_ids.device) if query_weights is None else query_weights.float()
+    q = torch.zeros(ids.shape[0], device=w.device).index_add_(0, inverse[:nq], w)
+    p = torch.bincount(inverse[nq:], minlength=ids.shape[0]).to(w.dtype)
+    total = w.sum() * pixel_image_ids.shape[0] - (q * p).sum()
+    return total if query_weights is not None else total.round().long()
 
 
 def inter_scene_loss_with_batch_grad(
@@ -113,6 +123,7 @@ def inter_scene_loss_with_batch_grad(
     alpha: float = 0.1,
     gamma: float = 2.5,
     chunk_size: int = 16384,
+    query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_inter (mean over pairs of different images) where the batch's negatives keep their graph,
     so the term also pushes the other images' pixel embeddings; memory entries stay constants.
@@ -134,8 +145,9 @@ def inter_scene_loss_with_batch_grad(
         gamma,
         reduction="sum",
         pixel_grad=True,
+        query_weights=query_weights,
     )
-    count = pair_count(query_image_ids, batch.image_ids)
+    count = pair_count(query_image_ids, batch.image_ids, query_weights)
     if memory is not None and len(memory) > 0:
         total = total + inter_scene_loss(
             queries,
@@ -150,9 +162,10 @@ def inter_scene_loss_with_batch_grad(
             gamma,
             chunk_size,
             reduction="sum",
+            query_weights=query_weights,
         )
-        count = count + pair_count(query_image_ids, memory.image_ids)
-    return total / count.clamp(min=1).to(total.dtype)
+        count = count + pair_count(query_image_ids, memory.image_ids, query_weights)
+    return total / count.to(total.dtype).clamp(min=1e-12)
 
 
 @torch.no_grad()
@@ -209,39 +222,42 @@ def inter_scene_loss_naive(
     gamma=2.5,
     reduction="mean",
     pixel_grad=False,
+    query_weights=None,
 ) -> torch.Tensor:
     """The full [Q, P] computation under plain autograd: the reference of tests and benchmarks,
     and the batch part of `inter_scene_loss_with_batch_grad` (pixel_grad=True)."""
     logits = decoder(queries, pixels if pixel_grad else pixels.detach(), pixel_xy, query_xy)  # [Q, P]
-    valid = query_image_ids[:, None] != pixel_image_ids[None, :]  # [Q, P]
+    valid = (query_image_ids[:, None] != pixel_image_ids[None, :]).to(logits.dtype)  # [Q, P]
+    if query_weights is not None:
+        valid = valid * query_weights[:, None].to(logits.dtype)
     per_pair = elementwise_toward_zero(logits, loss, alpha, gamma)
-    total = torch.where(valid, per_pair, 0).sum()
-    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
+    total = torch.where(valid > 0, valid * per_pair, 0).sum()
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1e-12)
 
 
 class _ChunkedInterScene(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, queries, query_ids, pixels, pixel_ids, pixel_xy, query_xy, decoder, loss, alpha, gamma, chunk, mean
-    ):
+    def forward(ctx, queries, query_ids, pixels, pixel_ids, pixel_xy, query_xy, decoder, loss, alpha, gamma, chunk, mean, weights):  # noqa: E501  # fmt: skip
         needs_grad = ctx.needs_input_grad[0]
         acc = torch.promote_types(queries.dtype, torch.float32)  # accumulate fp16/bf16 in fp32
         total = torch.zeros((), dtype=acc, device=queries.device)
         grad = torch.zeros_like(queries, dtype=acc) if needs_grad else None
-        count = torch.zeros((), dtype=torch.int64, device=queries.device)
+        count = torch.zeros((), dtype=acc, device=queries.device)
         q = queries.detach().requires_grad_(needs_grad)
         for start in range(0, pixels.shape[0], chunk):
             stop = start + chunk
-            valid = query_ids[:, None] != pixel_ids[None, start:stop]  # [Q, p]
+            valid = (query_ids[:, None] != pixel_ids[None, start:stop]).to(acc)  # [Q, p]
+            if weights is not None:
+                valid = valid * weights[:, None].to(acc)
             with torch.enable_grad():
                 xy = pixel_xy[start:stop] if pixel_xy is not None else None
                 logits = decoder(q, pixels[start:stop], xy, query_xy)  # [Q, p]
-                part = torch.where(valid, elementwise_toward_zero(logits, loss, alpha, gamma), 0).sum()
+                part = torch.where(valid > 0, valid * elementwise_toward_zero(logits, loss, alpha, gamma), 0).sum()
             if needs_grad:
                 grad += torch.autograd.grad(part, q)[0]
             total += part.detach().to(acc)
             count += valid.sum()
-        n = count.clamp(min=1).to(acc) if mean else torch.ones((), dtype=acc, device=queries.device)
+        n = count.clamp(min=1e-12) if mean else torch.ones((), dtype=acc, device=queries.device)
         ctx.query_dtype = queries.dtype
         if needs_grad:
             ctx.save_for_backward(grad / n)
@@ -250,4 +266,4 @@ class _ChunkedInterScene(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad_output * grad).to(ctx.query_dtype), *([None] * 11)
+        return (grad_output * grad).to(ctx.query_dtype), *([None] * 12)

@@ -48,16 +48,32 @@ def elementwise_toward_zero(logits: torch.Tensor, loss: str, alpha: float = 0.1,
     raise ValueError(f"unknown inter-scene loss {loss!r}; choose one of 'focal', 'bce', 'l1', 'l2'")
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
+DICE_FORMS = ("linear_plus1", "squared")
+
+
+def dice_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    num_masks: float | None = None,
+    form: str = "linear_plus1",
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """logits [Q, P], targets [Q, P] in {0, 1} -> scalar: sum over masks of 1 - dice, / num_masks.
 
-    Uses the +1 smoothing of Mask2Former / CondInst so empty targets give a finite loss.
+    form "linear_plus1" (Mask2Former, HF): 1 - (2 sum(pt) + 1) / (sum(p) + sum(t) + 1); an empty
+        target still pulls every pixel toward 0. `eps` is not used.
+    form "squared" (CondInst and SOLOv2): 1 - 2 sum(pt) / (sum(p^2) + sum(t^2) + eps); an empty target
+        gives a loss of 1 whatever the prediction, so no gradient.
     """
+    if form not in DICE_FORMS:
+        raise ValueError(f"unknown dice form {form!r}; use one of {DICE_FORMS}")
     probs = logits.sigmoid().flatten(1)  # [Q, P]
     targets = targets.flatten(1).to(probs.dtype)
-    numerator = 2 * (probs * targets).sum(-1)
-    denominator = probs.sum(-1) + targets.sum(-1)
-    loss = 1 - (numerator + 1) / (denominator + 1)  # [Q]
+    intersection = 2 * (probs * targets).sum(-1)  # [Q]
+    if form == "squared":
+        loss = 1 - intersection / (probs.square().sum(-1) + targets.square().sum(-1) + eps)
+    else:
+        loss = 1 - (intersection + 1) / (probs.sum(-1) + targets.sum(-1) + 1)
     return loss.sum() / _num(num_masks, logits)
 
 

@@ -87,7 +87,8 @@ def run_summary(cfg, train_size: int, val_size: int | None, device: str, world_s
         [
             f"data     train {train_size} images{val}; batch {d.batch_size} x {world_size} device(s)",
             f"model    {head}, {start}{f', {m.num_queries} queries' if m.type == 'mask2former' else ''}"
-            f"{', frozen BN' if m.freeze_bn else ''}",
+            f"{', frozen BN' if m.freeze_bn else ''}"
+            f"{f', stem + {m.frozen_stages()} stage(s) frozen' if m.frozen_stages() else ''}",
             f"method   {'IUQ: ' + ' + '.join(terms) if terms else 'baseline (IUQ off)'}",
             f"train    {length}, {t.optimizer} lr {t.lr:g} (backbone x{t.backbone_lr_mult:g}), {t.schedule}, "
             f"warm-up {t.warmup_steps}, seed {t.seed}, on {device}",

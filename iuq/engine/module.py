@@ -64,7 +64,9 @@ class IUQModule(L.LightningModule):
         self.criterion = None
         if iuq.inter or iuq.equi:
             m = self.model
-            self.criterion = IUQCriterion(iuq, m.decoder, m.pixel_dim, m.mask_loss, m.mask_loss_weight)
+            self.criterion = IUQCriterion(
+                iuq, m.decoder, m.pixel_dim, m.mask_loss, m.mask_loss_weight, mask_upsample=m.equi_upsample
+            )
         self.label_to_category = list(label_to_category)
         self.class_names = list(class_names)
         self.evaluator: CocoMaskEvaluator | None = None  # set by the trainer when there is a val split
@@ -93,6 +95,7 @@ class IUQModule(L.LightningModule):
             generator,
             cfg=self.cfg.iuq,
             diagnose=every > 0 and self.global_step % every == 0,
+            step=self.global_step,
         )
         for name, value in [*result.terms.items(), ("loss", result.loss)]:  # name the term before the sum
             if not torch.isfinite(value.detach()).all():

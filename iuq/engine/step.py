@@ -20,6 +20,7 @@ from iuq.core.criterion import IUQCriterion
 from iuq.core.sampling import PixelSamples, downsample_masks
 from iuq.core.transforms import BatchTransform, sample_transforms
 from iuq.data.coco import boxes_from_masks
+from iuq.models.dense import DenseOutput
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,20 +69,40 @@ def valid_fraction(pixel_mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([w, h], dim=1)
 
 
-def gradient_shares(parts: dict[str, torch.Tensor], points: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """For each weighted loss part and each point of the graph: the norm of the part's gradient there,
-    and its share of the sum of norms over parts (`grad_norm/<point>/<part>`, `grad_share/...`)."""
+def gradient_shares(
+    parts: dict[str, torch.Tensor], points: dict[str, torch.Tensor | list[torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """For each weighted loss part and each point of the graph (a tensor, or a group of parameters
+    taken as one vector): the norm of the part's gradient there, and its share of the sum of norms
+    over parts (`grad_norm/<point>/<part>`, `grad_share/...`). One backward pass per part."""
+    names = list(points)
+    groups = [p if isinstance(p, list) else [p] for p in points.values()]
+    flat = [t for group in groups for t in group]
+    norms = {point: {} for point in names}
+    for name, value in parts.items():
+        grads = torch.autograd.grad(value, flat, retain_graph=True, allow_unused=True)
+        at = 0
+        for point, group in zip(names, groups, strict=True):
+            squares = [g.detach().float().square().sum() for g in grads[at : at + len(group)] if g is not None]
+            norms[point][name] = torch.stack(squares).sum().sqrt() if squares else flat[0].new_zeros(())
+            at += len(group)
     out = {}
-    for point, tensor in points.items():
-        norms = {}
-        for name, value in parts.items():
-            (grad,) = torch.autograd.grad(value, [tensor], retain_graph=True, allow_unused=True)
-            norms[name] = grad.detach().norm() if grad is not None else tensor.new_zeros(())
-        total = sum(norms.values()).clamp(min=1e-12)
-        for name, norm in norms.items():
+    for point in names:
+        total = sum(norms[point].values()).clamp(min=1e-12)
+        for name, norm in norms[point].items():
             out[f"grad_norm/{point}/{name}"] = norm
             out[f"grad_share/{point}/{name}"] = norm / total
     return out
+
+
+def shared_parameter_groups(model) -> dict[str, list[torch.Tensor]]:
+    """The trainable parameters of each top-level part of the base model (backbone, pyramid, heads,
+    mask branch...; one level further down when the model wraps a single module), for gradient shares
+    at the weights every term trains."""
+    children = [(n, c) for n, c in model.named_children() if any(p.requires_grad for p in c.parameters())]
+    if len(children) == 1:
+        children = [(n, c) for n, c in children[0][1].named_children() if any(p.requires_grad for p in c.parameters())]
+    return {f"param_{n}": [p for p in c.parameters() if p.requires_grad] for n, c in children}
 
 
 def training_step(
@@ -94,13 +115,16 @@ def training_step(
     generator: torch.Generator | None = None,
     cfg: IUQConfig | None = None,
     diagnose: bool = False,
+    step: int | None = None,
 ) -> StepResult:
     """Base model (`iuq.models.build.build_model`) plus IUQ on one padded batch.
 
     `criterion=None` is the plain baseline; `cfg` (default: the criterion's) still decides
     `g_augment`, so a baseline can train with G as augmentation. With `criterion.cfg.equi` the batch
     gains its g-views (also for the "augmentation" variant, so ablations see equal numbers of views).
-    `diagnose` adds gradient shares per term and the split of L_inter to `result.diagnostics`.
+    `diagnose` adds gradient shares per term (at the pixel embeddings, the query states and each
+    part of the model's parameters) and the split of L_inter to `result.diagnostics`. `step`, the
+    optimiser step, sets the IUQ weights under `iuq.warmup_steps`.
     """
     cfg = criterion.cfg if criterion is not None else (cfg or IUQConfig(inter=False, equi=False))
     if cfg.g_augment:  # G as ordinary augmentation: every later step sees g0(I) as "the image"
@@ -147,15 +171,17 @@ def training_step(
             generator=sample_generator,
             gt_labels=[t["labels"] for t in targets],
             valid_g=valid_g,
+            query_instances=out.gt if isinstance(out, DenseOutput) else None,  # Mask2Former: one query each
         )
+        weights = criterion.weights_at(step)
         for name, value in iuq_terms.items():
             terms[name] = value
-            weighted = criterion.weights[name] * value
+            weighted = weights[name] * value
             loss = loss + weighted
             parts[name.removeprefix("loss_")] = weighted
         if diagnose and cfg.inter:
             diagnostics.update(criterion.diagnose_inter(queries, labels, image_ids, samples, out.query_xy))
     if diagnose:
-        points = {"pixel": out.pixel_embeddings, "query": out.query_states}
+        points = {"pixel": out.pixel_embeddings, "query": out.query_states, **shared_parameter_groups(model)}
         diagnostics.update(gradient_shares(parts, points))
     return StepResult(loss=loss, terms=terms, samples=samples, g=g, diagnostics=diagnostics)

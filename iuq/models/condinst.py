@@ -63,6 +63,8 @@ class CondInstConfig:
     score_threshold, pre_nms_topk, nms_iou: inference: candidates per level above the class score,
         the best pre_nms_topk of them per level, class-aware NMS at this IoU.
     mask_threshold: probability above which a pixel is in the mask.
+    thresh_with_ctr: candidates pass `score_threshold` on class x centerness rather than on the class
+        probability alone (AdelaiDet's CondInst configs set FCOS.THRESH_WITH_CTR).
     """
 
     fpn_channels: int = 256
@@ -78,6 +80,7 @@ class CondInstConfig:
     pre_nms_topk: int = 1000
     nms_iou: float = 0.6
     mask_threshold: float = 0.5
+    thresh_with_ctr: bool = True
 
     def __post_init__(self) -> None:
         if len(self.sizes_of_interest) != 5:
@@ -89,6 +92,21 @@ class CondInstConfig:
                 )
         if self.max_proposals < 1:
             raise ValueError(f"model.condinst.max_proposals: must be >= 1, got {self.max_proposals}")
+
+
+def candidates(
+    probs: torch.Tensor, ctr: torch.Tensor, c: CondInstConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One level's detections before NMS: class probabilities [L, C] and centerness [L] -> locations
+    [K], classes [K] and scores sqrt(class x centerness) [K]: the pairs whose class probability (x
+    centerness under `thresh_with_ctr`) passes `score_threshold`, the best `pre_nms_topk` of them."""
+    joint = probs * ctr[:, None]  # [L, C]
+    loc, cls = ((joint if c.thresh_with_ctr else probs) > c.score_threshold).nonzero(as_tuple=True)
+    scores = torch.sqrt(joint[loc, cls])
+    if scores.numel() > c.pre_nms_topk:
+        scores, keep = scores.topk(c.pre_nms_topk)
+        loc, cls = loc[keep], cls[keep]
+    return loc, cls, scores
 
 
 MASK_CHANNELS = 8  # the mask branch's output, the dynamic head's input (with 2 coordinate channels)
@@ -184,10 +202,22 @@ class CondInst(DenseSegmenter):
 
     mask_loss_weight = 1.0  # AdelaiDet weighs the dice loss by 1
     pixel_dim = MASK_CHANNELS
+    equi_upsample = 2  # L_equi decodes on the stride-8 grid and is supervised at stride 4, as the base loss
 
     def mask_loss(self, logits: torch.Tensor, targets: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
-        """CondInst's mask loss (dice, summed over masks, / num_masks), for L_equi."""
-        return self.mask_loss_weight * dice_loss(logits, targets, num_masks)
+        """CondInst's mask loss (AdelaiDet's squared dice, eps 1e-5, summed over masks, / num_masks),
+        for the base loss and L_equi."""
+        return self.mask_loss_weight * dice_loss(logits, targets, num_masks, form="squared", eps=1e-5)
+
+    @staticmethod
+    def to_mask_stride(logits: torch.Tensor) -> torch.Tensor:
+        """Mask logits [Q, h8, w8] on the mask features' grid -> [Q, h4, w4] at stride 4, where CondInst
+        trains and predicts masks. Bilinear with half-pixel centres (our locations and `grid_xy` are
+        cell centres); AdelaiDet's `aligned_bilinear` puts a cell's value at its corner instead."""
+        h, w = logits.shape[-2:]
+        if logits.shape[0] == 0:  # no detection: bilinear interpolation refuses empty inputs
+            return logits.new_zeros((0, 2 * h, 2 * w))
+        return F.interpolate(logits[None], size=(2 * h, 2 * w), mode="bilinear", align_corners=False)[0]
 
     # -- forward ----------------------------------------------------------------------------------
     def _heads(self, images, pixel_mask):
@@ -286,17 +316,15 @@ class CondInst(DenseSegmenter):
             labels, reg_t, xy, num_pos, ctr_sum, self.cfg.focal_alpha, self.cfg.focal_gamma,
         )  # fmt: skip
         mask_feats = heads["mask_feats"]
-        h4, w4 = mask_feats.shape[-2] * 2, mask_feats.shape[-1] * 2  # stride 8 -> 4
         total, count = mask_feats.sum() * 0 + sum(q.sum() * 0 for q in queries), 0
         for i, q, g, qxy, t in zip(idx, queries, gts, xys, targets, strict=True):
             if q.shape[0] == 0:
                 continue
-            logits = self.decode(mask_feats[i], q, qxy)  # [Q, h8, w8]
-            logits = F.interpolate(logits[None], size=(h4, w4), mode="bilinear", align_corners=False)[0]
-            target = downsample_masks(t["masks"][g.to(t["masks"].device)], (h4, w4))  # [Q, h4, w4]
-            total = total + dice_loss(logits, target, 1.0)
+            logits = self.to_mask_stride(self.decode(mask_feats[i], q, qxy))  # [Q, h4, w4]
+            target = downsample_masks(t["masks"][g.to(t["masks"].device)], logits.shape[-2:])  # [Q, h4, w4]
+            total = total + self.mask_loss(logits, target, 1.0)
             count += q.shape[0]
-        terms["loss_mask"] = self.mask_loss_weight * total / max(count, 1)
+        terms["loss_mask"] = total / max(count, 1)
         return terms
 
     # -- inference --------------------------------------------------------------------------------
@@ -304,11 +332,12 @@ class CondInst(DenseSegmenter):
     def predict_instances(
         self, images: torch.Tensor, pixel_mask: torch.Tensor | None, sizes, orig_sizes, top_k: int = 100
     ) -> list[dict]:
-        """Per image a prediction of `iuq.models.paste` (`scores` [N], `labels` [N], masks at stride 8).
+        """Per image a prediction of `iuq.models.paste` (`scores` [N], `labels` [N], masks at stride 4).
 
-        FCOS detections: locations whose class probability passes `score_threshold`, the best
-        `pre_nms_topk` per level by sqrt(class x centerness), class-aware NMS, the best `top_k`;
-        their masks from the dynamic head, at stride 4, thresholded at `mask_threshold`."""
+        FCOS detections: locations whose class probability (x centerness under `thresh_with_ctr`)
+        passes `score_threshold`, the best `pre_nms_topk` per level by sqrt(class x centerness),
+        class-aware NMS, the best `top_k`; their masks from the dynamic head, brought to stride 4 as in
+        training, then to the image and thresholded at `mask_threshold`."""
         c = self.cfg
         heads = self._heads(images, pixel_mask)
         results = []
@@ -318,12 +347,7 @@ class CondInst(DenseSegmenter):
             locs, labels, scores = [], [], []
             for level in range(len(self.strides)):
                 on_level = (heads["level"] == level).nonzero()[:, 0]
-                p = probs[on_level]
-                loc, cls = (p > c.score_threshold).nonzero(as_tuple=True)
-                s = torch.sqrt(p[loc, cls] * ctr[on_level][loc])
-                if s.numel() > c.pre_nms_topk:
-                    s, keep = s.topk(c.pre_nms_topk)
-                    loc, cls = loc[keep], cls[keep]
+                loc, cls, s = candidates(probs[on_level], ctr[on_level], c)
                 locs.append(on_level[loc])
                 labels.append(cls)
                 scores.append(s)
@@ -335,8 +359,10 @@ class CondInst(DenseSegmenter):
             keep = batched_nms(boxes, scores, labels, c.nms_iou)[:top_k]
             loc, labels, scores = loc[keep], labels[keep], scores[keep]
             qxy = self.query_xy(heads["xy"][loc], heads["level"][loc], heads["canvas"])
-            logits = self.decode(heads["mask_feats"][i], heads["params"][i][loc], qxy)  # [K, h8, w8]
-            results.append(
-                low_res_prediction(logits, scores, labels, self.stride, sizes[i], orig_sizes[i], c.mask_threshold)
+            logits = self.to_mask_stride(self.decode(heads["mask_feats"][i], heads["params"][i][loc], qxy))
+            results.append(  # logits [K, h4, w4]
+                low_res_prediction(
+                    logits, scores, labels, self.mask_out_stride, sizes[i], orig_sizes[i], c.mask_threshold
+                )
             )
         return results

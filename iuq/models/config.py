@@ -40,6 +40,10 @@ class ModelConfig:
         layer is re-sized to the dataset's classes.
     freeze_bn: freeze the backbone's BatchNorm statistics and affine parameters (small per-device
         batches); the exported model has ordinary BatchNorm layers with the same values.
+    freeze_stages: condinst and solov2: the backbone's stem and first this many stages are not
+        trained (parameters and BatchNorm statistics fixed), 0-4. Default (null): 1 for pretrained
+        backbones, as detectron2's and SOLO's R50 recipes freeze the stem and the stride-4 stage; 0 at
+        random init. Mask2Former's recipe trains the whole backbone (0 only).
     image_mean / image_std: input normalisation of the backbone's pretraining (ImageNet's for every
         backbone above); saved in the exported preprocessor config.
     backbone_widths / backbone_depths: per-stage channels (ResNet) or depths (both), random init.
@@ -57,6 +61,7 @@ class ModelConfig:
     backbone_checkpoint: str | None = None
     pretrained: str | None = None
     freeze_bn: bool = False
+    freeze_stages: int | None = None
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     backbone_widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
@@ -76,6 +81,20 @@ class ModelConfig:
     type: str = "mask2former"
     condinst: CondInstConfig = field(default_factory=CondInstConfig)
     solov2: SOLOv2Config = field(default_factory=SOLOv2Config)
+
+    def pretrained_backbone(self) -> bool:
+        """The backbone starts from pretrained weights (ImageNet, a checkpoint or a hub id)."""
+        if self.backbone in ("resnet", "swin"):
+            return False
+        if self.backbone == "hf":
+            return True
+        return self.backbone_weights == "imagenet" or self.backbone_checkpoint is not None
+
+    def frozen_stages(self) -> int:
+        """`freeze_stages` with its default resolved (see the class docstring)."""
+        if self.freeze_stages is not None:
+            return self.freeze_stages
+        return 1 if self.type != "mask2former" and self.pretrained_backbone() else 0
 
     def __post_init__(self) -> None:
         if self.type not in MODEL_TYPES:
@@ -113,6 +132,13 @@ class ModelConfig:
         for name in ("hidden_dim", "mask_feature_size"):  # the pixel decoder's GroupNorm has 32 groups
             if getattr(self, name) % 32:
                 raise ValueError(f"model.{name}: must be a multiple of 32, got {getattr(self, name)}")
+        if self.freeze_stages is not None and not 0 <= self.freeze_stages <= 4:
+            raise ValueError(f"model.freeze_stages: must be 0-4 (or null for the default), got {self.freeze_stages}")
+        if self.type == "mask2former" and self.freeze_stages:
+            raise ValueError(
+                "model.freeze_stages: Mask2Former trains its whole backbone (its recipe freezes nothing); "
+                "remove the key or set 0"
+            )
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"model.{name}: expected 3 values (R, G, B), got {getattr(self, name)}")

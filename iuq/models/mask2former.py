@@ -195,6 +195,8 @@ class Mask2FormerAdapter(nn.Module):
         model's resolution, pasted at the original size on demand."""
         return instance_predictions(self(images, pixel_mask), sizes, orig_sizes, top_k=top_k)
 
+    equi_upsample = 1  # L_equi on the mask features' grid, densely (the base loss samples points there)
+
     @property
     def mask_loss_weight(self) -> float:
         """Weight of the model's mask loss terms (Mask2Former: 5 for BCE and 5 for dice)."""

@@ -79,7 +79,34 @@ def build_backbone(cfg, load_weights: bool = True) -> Backbone:
         backbone = Backbone(body, "hf", body.channels)
     if cfg.freeze_bn:
         freeze_batchnorm(backbone.body)
+    stages = cfg.frozen_stages()
+    if stages:
+        from timm.utils import freeze
+
+        # Parameters stop training and BatchNorm statistics are fixed (detectron2's FREEZE_AT,
+        # mmdetection's frozen_stages): the stem and the first stages keep their pretrained values.
+        freeze(backbone.body, stem_and_stages(backbone, stages))
     return backbone
+
+
+def stem_and_stages(backbone: Backbone, stages: int) -> list[str]:
+    """Names of the submodules of `backbone.body` that compute the stem and the first `stages`
+    stages, i.e. everything up to the feature map C(stages + 1) (C2 is stride 4)."""
+    body = backbone.body
+    names = dict(body.named_modules())
+    if backbone.kind == "timm":  # conv_stem, bn1, then blocks.0 .. blocks.j (C2 is blocks.1)
+        last = int(body.feature_info.module_name()[stages - 1].split(".")[1])
+        return ["conv_stem", "bn1", *(f"blocks.{i}" for i in range(last + 1))]
+    if backbone.kind == "torchvision":
+        return ["conv1", "bn1", *(f"layer{i}" for i in range(1, stages + 1))]
+    for stem, container in (("embedder", "encoder.stages"), ("embeddings", "encoder.stages"),
+                            ("swin.embeddings", "swin.encoder.layers"), ("embeddings", "encoder.layers")):  # fmt: skip
+        if stem in names and f"{container}.0" in names:
+            return [stem, *(f"{container}.{i}" for i in range(stages))]
+    raise ValueError(
+        f"model.freeze_stages: cannot tell the stem and stages of this {type(body).__name__} backbone apart; "
+        "set model.freeze_stages: 0"
+    )
 
 
 def _torchvision_resnet(cfg, load_weights: bool) -> Backbone:

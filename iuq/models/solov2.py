@@ -205,9 +205,12 @@ class SOLOv2(DenseSegmenter):
     def pixel_dim(self) -> int:
         return self.cfg.kernel_channels
 
+    equi_upsample = 1  # the base loss is at the mask features' stride (4)
+
     def mask_loss(self, logits: torch.Tensor, targets: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
-        """SOLOv2's mask loss (dice x 3, summed over masks, / num_masks), for L_equi."""
-        return self.cfg.dice_weight * dice_loss(logits, targets, num_masks)
+        """SOLOv2's mask loss, dice x 3, summed over masks, / num_masks, for the base loss and L_equi.
+        The dice is SOLO's squared form, which adds 0.001 to each of sum(p^2) and sum(t^2)."""
+        return self.cfg.dice_weight * dice_loss(logits, targets, num_masks, form="squared", eps=0.002)
 
     def _heads(self, images, pixel_mask) -> dict:
         feats = self.pyramid(self.backbone(self.normalise(images, pixel_mask)))  # P2..P6
@@ -302,9 +305,9 @@ class SOLOv2(DenseSegmenter):
                 continue
             pred = self.decode(mask_feats[i], q)  # [Q, h4, w4]
             target = downsample_masks(t["masks"][g.to(t["masks"].device)], pred.shape[-2:])
-            total = total + dice_loss(pred, target, 1.0)
+            total = total + self.mask_loss(pred, target, 1.0)
             count += q.shape[0]
-        return {"loss_cate": loss_cate, "loss_mask": self.cfg.dice_weight * total / max(count, 1)}
+        return {"loss_cate": loss_cate, "loss_mask": total / max(count, 1)}
 
     # -- inference --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -146,8 +146,9 @@ def ablate(
     user_sets = list(user_sets or [])
     chosen = study_arms(study, arms)
     todo, summaries = [], []
-    for arm in chosen:
-        for seed in range(first_seed, first_seed + seeds):
+    # Seed by seed: the arms of one seed finish together, so a stopped study already holds pairs.
+    for seed in range(first_seed, first_seed + seeds):
+        for arm in chosen:
             sets = run_overrides(arm, seed, user_sets)
             fp = fingerprint(config, sets)
             path = out / "summaries" / arm.name / f"seed{seed}.json"
