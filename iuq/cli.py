@@ -22,6 +22,22 @@ def _synth(args) -> None:
         print(f"{split}: {path}  (images in {Path(args.out) / split})")
 
 
+def _paste(args) -> None:
+    from iuq.data.paste import PasteConfig, generate_paste
+
+    cfg = PasteConfig(
+        coco_ann=str(args.coco), coco_images=str(args.images), seed=args.seed, size=args.size,
+        scenes=[args.train, args.dev, args.val], objects=[args.objects_min, args.objects_max],
+        min_instances=args.min_instances, min_object_px=args.min_object_px,
+    )  # fmt: skip
+    manifest = generate_paste(args.out, cfg)
+    print(f"classes kept ({len(manifest['classes'])}): {', '.join(manifest['classes'])}")
+    for split, scenes in zip(("train", "dev", "val"), cfg.scenes, strict=True):
+        sources, cuts = len(manifest["source_images"][split]), manifest["cut_outs"][split]
+        print(f"{split}: {args.out / 'annotations' / f'instances_{split}.json'}  ({scenes} scenes from "
+              f"{sources} source images, {cuts} cut-outs)")  # fmt: skip
+
+
 def _stats(args) -> None:
     from iuq.data.stats import crowded_warning, dataset_stats, format_stats
 
@@ -164,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=256, help="image side in px")
     s.set_defaults(func=_synth)
 
+    s = data.add_parser(
+        "paste", help="scenes of real objects cut from a COCO-format source, split by source image (train/dev/val)"
+    )
+    s.add_argument("--coco", required=True, type=Path, help="source instances JSON (e.g. coco128's)")
+    s.add_argument("--images", required=True, type=Path, help="source image folder")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=192, help="scene side in px")
+    s.add_argument("--train", type=int, default=600, help="train scenes")
+    s.add_argument("--dev", type=int, default=100, help="dev scenes (choose settings here)")
+    s.add_argument("--val", type=int, default=100, help="val scenes (report here)")
+    s.add_argument("--objects-min", type=int, default=1)
+    s.add_argument("--objects-max", type=int, default=8)
+    s.add_argument("--min-instances", type=int, default=10, help="keep classes with at least this many cut-outs")
+    s.add_argument("--min-object-px", type=int, default=400, help="skip source instances smaller than this (px)")
+    s.set_defaults(func=_paste)
+
     s = data.add_parser("stats", help="validate a COCO instances JSON and print its counts and ranges")
     s.add_argument("ann_file", type=Path)
     s.add_argument("--images", type=Path, help="image folder: also check that every image file exists")
@@ -290,6 +323,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input (files, config, data), each with a message naming it."""
     from iuq.config import ConfigError
     from iuq.data.coco import DatasetError
+    from iuq.data.paste import PasteError
     from iuq.engine.inference import CheckpointError
     from iuq.engine.run_dir import RunDirError
     from iuq.engine.step import NonFiniteLossError
@@ -299,6 +333,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         UsageError,
+        PasteError,
         StudyError,
         DatasetError,
         ConfigError,

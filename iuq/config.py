@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from iuq.core.config import IUQConfig
+from iuq.data.paste import PasteConfig
 from iuq.data.synthetic import SynthConfig
 from iuq.models.config import ModelConfig
 
@@ -45,6 +46,13 @@ class SyntheticDataConfig(SynthConfig):
     dir: str = "data/synthetic"
 
 
+@dataclass(frozen=True)
+class PasteDataConfig(PasteConfig):
+    """Pasted real objects (`iuq.data.paste`), generated into `dir` when the training annotations are absent."""
+
+    dir: str = "data/coco128_paste"
+
+
 @dataclass
 class DataConfig:
     """COCO-format train / val splits and augmentation.
@@ -56,6 +64,7 @@ class DataConfig:
         CPU run takes more, cheaper steps).
     batch_size: images per device per step (the paper's 16 is the global batch: 8 GPUs x 2).
     synthetic: when set and `train_ann` does not exist, the embedded dataset is generated first.
+    paste: the same for the pasted-object scenes built from a COCO-format source (`iuq data paste`).
     """
 
     train_ann: str = "data/synthetic/annotations/instances_train.json"
@@ -63,6 +72,7 @@ class DataConfig:
     val_ann: str | None = "data/synthetic/annotations/instances_val.json"
     val_images: str | None = "data/synthetic/val"
     synthetic: SyntheticDataConfig | None = None
+    paste: PasteDataConfig | None = None
     train_short_side: list[int] = field(default_factory=lambda: [400, 1200])
     max_size: int = 1333
     test_short_side: int = 800

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from iuq.config import ConfigError, RunConfig, save_config
 from iuq.data.coco import CocoInstances, DatasetError
+from iuq.data.paste import PasteConfig, generate_paste
 from iuq.data.synthetic import SynthConfig, generate
 from iuq.engine.console import ProgressPrinter, StepTimer, run_summary, silence_third_party_noise
 from iuq.engine.data import open_split, test_loader, train_loader
@@ -63,18 +64,24 @@ class RunData(L.LightningDataModule):
 
 
 def prepare_data(cfg: RunConfig) -> None:
-    """Generate the embedded synthetic dataset when the config asks for it and it is absent."""
-    s = cfg.data.synthetic
-    if s is None or Path(cfg.data.train_ann).exists():
+    """Generate the embedded synthetic dataset or the pasted-object scenes when the config asks for
+    them and they are absent."""
+    if Path(cfg.data.train_ann).exists():
         return
-    print(f"generating the synthetic dataset into {s.dir} ...", flush=True)
-    fields = {k: v for k, v in vars(s).items() if k != "dir"}
-    generate(s.dir, SynthConfig(**fields))
-    if not Path(cfg.data.train_ann).exists():
-        raise FileNotFoundError(
-            f"data.train_ann {cfg.data.train_ann} is still missing after generating into data.synthetic.dir "
-            f"{s.dir}; point data.train_ann into that folder"
-        )
+    for key, spec, kind, make in (
+        ("synthetic", cfg.data.synthetic, SynthConfig, generate),
+        ("paste", cfg.data.paste, PasteConfig, generate_paste),
+    ):
+        if spec is None:
+            continue
+        print(f"generating the {key} dataset into {spec.dir} ...", flush=True)
+        make(spec.dir, kind(**{k: v for k, v in vars(spec).items() if k != "dir"}))
+        if not Path(cfg.data.train_ann).exists():
+            raise FileNotFoundError(
+                f"data.train_ann {cfg.data.train_ann} is still missing after generating into data.{key}.dir "
+                f"{spec.dir}; point data.train_ann into that folder"
+            )
+        return
 
 
 def open_data(cfg: RunConfig) -> tuple[CocoInstances, CocoInstances | None]:
