@@ -38,6 +38,15 @@ def _paste(args) -> None:
               f"{sources} source images, {cuts} cut-outs)")  # fmt: skip
 
 
+def _holdout(args) -> None:
+    from iuq.data.holdout import HoldoutConfig, write_holdout
+
+    hold_out = [s for s in args.hold_out.split(",") if s]
+    counts = write_holdout(args.out, HoldoutConfig(str(args.ann_file), hold_out, args.sep))
+    for split, n in counts.items():
+        print(f"{split}: {args.out / 'annotations' / f'instances_{split}.json'}  ({n} images)")
+
+
 def _stats(args) -> None:
     from iuq.data.stats import crowded_warning, dataset_stats, format_stats
 
@@ -197,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-object-px", type=int, default=400, help="skip source instances smaller than this (px)")
     s.set_defaults(func=_paste)
 
+    s = data.add_parser("holdout", help="split a dev set off a training JSON by source image (file-name prefix)")
+    s.add_argument("ann_file", type=Path, help="the training instances JSON")
+    s.add_argument("--hold-out", required=True, help="comma-separated sources to hold out, e.g. 0007,0012")
+    s.add_argument("--sep", default="_", help="a file name's source prefix ends at this string")
+    s.add_argument("--out", required=True, type=Path)
+    s.set_defaults(func=_holdout)
+
     s = data.add_parser("stats", help="validate a COCO instances JSON and print its counts and ranges")
     s.add_argument("ann_file", type=Path)
     s.add_argument("--images", type=Path, help="image folder: also check that every image file exists")
@@ -323,6 +339,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input (files, config, data), each with a message naming it."""
     from iuq.config import ConfigError
     from iuq.data.coco import DatasetError
+    from iuq.data.holdout import HoldoutError
     from iuq.data.paste import PasteError
     from iuq.engine.inference import CheckpointError
     from iuq.engine.run_dir import RunDirError
@@ -334,6 +351,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (
         UsageError,
         PasteError,
+        HoldoutError,
         StudyError,
         DatasetError,
         ConfigError,

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from iuq.core.config import IUQConfig
+from iuq.data.holdout import HoldoutConfig
 from iuq.data.paste import PasteConfig
 from iuq.data.synthetic import SynthConfig
 from iuq.models.config import ModelConfig
@@ -53,6 +54,14 @@ class PasteDataConfig(PasteConfig):
     dir: str = "data/coco128_paste"
 
 
+@dataclass(frozen=True)
+class HoldoutDataConfig(HoldoutConfig):
+    """A dev split held out of a training set by source (`iuq.data.holdout`), written into `dir`
+    when the training annotations are absent."""
+
+    dir: str = "data/holdout"
+
+
 @dataclass
 class DataConfig:
     """COCO-format train / val splits and augmentation.
@@ -65,6 +74,7 @@ class DataConfig:
     batch_size: images per device per step (the paper's 16 is the global batch: 8 GPUs x 2).
     synthetic: when set and `train_ann` does not exist, the embedded dataset is generated first.
     paste: the same for the pasted-object scenes built from a COCO-format source (`iuq data paste`).
+    holdout: the same for a dev split held out of a training set by source (`iuq data holdout`).
     """
 
     train_ann: str = "data/synthetic/annotations/instances_train.json"
@@ -73,6 +83,7 @@ class DataConfig:
     val_images: str | None = "data/synthetic/val"
     synthetic: SyntheticDataConfig | None = None
     paste: PasteDataConfig | None = None
+    holdout: HoldoutDataConfig | None = None
     train_short_side: list[int] = field(default_factory=lambda: [400, 1200])
     max_size: int = 1333
     test_short_side: int = 800

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from iuq.config import ConfigError, RunConfig, save_config
 from iuq.data.coco import CocoInstances, DatasetError
+from iuq.data.holdout import HoldoutConfig, write_holdout
 from iuq.data.paste import PasteConfig, generate_paste
 from iuq.data.synthetic import SynthConfig, generate
 from iuq.engine.console import ProgressPrinter, StepTimer, run_summary, silence_third_party_noise
@@ -64,13 +65,14 @@ class RunData(L.LightningDataModule):
 
 
 def prepare_data(cfg: RunConfig) -> None:
-    """Generate the embedded synthetic dataset or the pasted-object scenes when the config asks for
-    them and they are absent."""
+    """Generate the embedded synthetic dataset, the pasted-object scenes or a held-out dev split when
+    the config asks for them and the training annotations are absent."""
     if Path(cfg.data.train_ann).exists():
         return
     for key, spec, kind, make in (
         ("synthetic", cfg.data.synthetic, SynthConfig, generate),
         ("paste", cfg.data.paste, PasteConfig, generate_paste),
+        ("holdout", cfg.data.holdout, HoldoutConfig, write_holdout),
     ):
         if spec is None:
             continue
