@@ -80,6 +80,13 @@ def inter_scene_loss(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if isinstance(decoder, torch.nn.Module) and any(p.requires_grad for p in decoder.parameters()):
+        # The chunked backward returns the queries' gradient only: the decoder's weights would get none.
+        raise ValueError(
+            f"{type(decoder).__name__} has parameters of its own, which L_inter's chunked path cannot train; "
+            "a decoder must be parameter-free (<q, I> with per-query weights), or compute L_inter with "
+            "inter_scene_loss_naive under plain autograd"
+        )
     return _ChunkedInterScene.apply(
         queries,
         query_image_ids,

@@ -13,6 +13,8 @@ import warnings
 
 import lightning as L
 
+from iuq.models.build import model_spec
+
 # (logger name, message pattern) of log records that say nothing about the user's run.
 _NOISE = [
     # Mask2Former's config lists Swin as its only tested backbone; ResNet and timm backbones work
@@ -75,19 +77,14 @@ def run_summary(cfg, train_size: int, val_size: int | None, device: str, world_s
         start = f"{m.backbone} ({'ImageNet weights' if m.backbone_weights == 'imagenet' else 'random init'})"
     else:
         start = f"{m.backbone} (random init)"
-    head = {
-        "mask2former": "Mask2Former",
-        "condinst": "CondInst (FCOS P3-P7, 169 dynamic parameters)",
-        "solov2": f"SOLOv2 (grids {'/'.join(str(s) for s in m.solov2.grids)})",
-    }[m.type]
+    head = model_spec(m).describe(m)
     terms = [name for name, on in (("L_inter", q.inter), ("L_equi", q.equi)) if on]
     length = f"{t.max_steps} steps" if t.max_steps is not None else f"{t.max_epochs} epochs"
     val = f", val {val_size} images" if val_size is not None else ", no val split"
     return "\n".join(
         [
             f"data     train {train_size} images{val}; batch {d.batch_size} x {world_size} device(s)",
-            f"model    {head}, {start}{f', {m.num_queries} queries' if m.type == 'mask2former' else ''}"
-            f"{', frozen BN' if m.freeze_bn else ''}"
+            f"model    {head}, {start}{', frozen BN' if m.freeze_bn else ''}"
             f"{f', stem + {m.frozen_stages()} stage(s) frozen' if m.frozen_stages() else ''}",
             f"method   {'IUQ: ' + ' + '.join(terms) if terms else 'baseline (IUQ off)'}",
             f"train    {length}, {t.optimizer} lr {t.lr:g} (backbone x{t.backbone_lr_mult:g}), {t.schedule}, "

@@ -20,7 +20,7 @@ import torch
 from iuq.data.coco import CocoInstances, DatasetError
 from iuq.engine.data import ResizeShortSide, test_loader
 from iuq.evaluation.coco_eval import CocoMaskEvaluator
-from iuq.models.backbones import with_plain_batchnorm
+from iuq.models.interface import batch_instances
 from iuq.models.mask2former import IMAGENET_MEAN, IMAGENET_STD, Mask2FormerAdapter
 
 
@@ -138,53 +138,9 @@ def _dense_from_model_dir(path: Path, settings: dict) -> TrainedModel:
 
 
 def save_model_dir(model, path: str | Path, label_to_category, class_names, short_side, max_size):
-    """The trained model in `path`: Mask2Former as `save_pretrained` of the plain HF model with label
-    names, category ids and the processor; CondInst / SOLOv2 as config.json + model.safetensors."""
-    if not isinstance(model, Mask2FormerAdapter):
-        _save_dense_model_dir(model, Path(path), label_to_category, class_names, short_side, max_size)
-        return
-    adapter = model
-    from transformers import Mask2FormerImageProcessor
-
-    model = with_plain_batchnorm(adapter.model)
-    model.config.id2label = dict(enumerate(class_names))
-    model.config.label2id = {name: i for i, name in enumerate(class_names)}
-    model.config.coco_category_ids = list(label_to_category)
-    model.save_pretrained(path)
-    processor = Mask2FormerImageProcessor(
-        size={"shortest_edge": short_side, "longest_edge": max_size},
-        size_divisor=32,
-        image_mean=adapter.mean.flatten().tolist(),
-        image_std=adapter.std.flatten().tolist(),
-        do_reduce_labels=False,
-    )
-    processor.save_pretrained(path)
-
-
-def _save_dense_model_dir(model, path: Path, label_to_category, class_names, short_side, max_size) -> None:
-    from dataclasses import asdict
-
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "iuq_model_type": model.model_cfg.type,
-        "model": {**asdict(model.model_cfg), "num_labels": len(class_names)},
-        "class_names": list(class_names),
-        "coco_category_ids": list(label_to_category),
-        "test_short_side": short_side,
-        "max_size": max_size,
-    }
-    (path / "config.json").write_text(json.dumps(settings, indent=2))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, path / "model.safetensors")
-
-
-def batch_instances(model, batch: dict, top_k: int) -> list[dict]:
-    """Instance predictions, at each image's original size, of a collated batch on the model's device."""
-    sizes = [t["size"] for t in batch["targets"]]
-    orig = [tuple(int(v) for v in t["orig_size"]) for t in batch["targets"]]
-    return model.predict_instances(batch["images"], batch["pixel_mask"], sizes, orig, top_k=top_k)
+    """The trained model in `path` (`export` of the model: Mask2Former as `save_pretrained` of the
+    plain HF model, CondInst / SOLOv2 as config.json + model.safetensors)."""
+    model.export(Path(path), label_to_category, class_names, short_side, max_size)
 
 
 @torch.no_grad()

@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 from iuq.config import ConfigError, RunConfig, from_dict
 from iuq.core.criterion import IUQCriterion
-from iuq.engine.inference import batch_instances
 from iuq.engine.step import NonFiniteLossError, training_step
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results
 from iuq.models.build import build_model
+from iuq.models.interface import batch_instances
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
@@ -117,10 +117,7 @@ class IUQModule(L.LightningModule):
         return result.loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Mask2Former's architecture itself, so that a checkpoint loads without the hub (CondInst and
-        # SOLOv2 are built from the run config alone).
-        if self.cfg.model.type == "mask2former":
-            checkpoint["hf_config"] = self.model.model.config.to_dict()
+        checkpoint.update(self.model.checkpoint_extras())  # e.g. Mask2Former's HF architecture
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

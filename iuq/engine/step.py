@@ -20,7 +20,7 @@ from iuq.core.criterion import IUQCriterion
 from iuq.core.sampling import PixelSamples, downsample_masks
 from iuq.core.transforms import BatchTransform, sample_transforms
 from iuq.data.coco import boxes_from_masks
-from iuq.models.dense import DenseOutput
+from iuq.models.interface import matched
 
 
 class NonFiniteLossError(RuntimeError):
@@ -154,7 +154,7 @@ def training_step(
         if generator is not None:
             seed = int(torch.randint(0, 2**62, (), generator=generator))
             sample_generator = torch.Generator(device=images.device).manual_seed(seed)
-        queries, masks, labels = model.matched(out, all_targets)
+        queries, masks, labels = matched(out, all_targets)
         g_targets = all_targets[b:]
         valid_g = None
         if g is not None:
@@ -171,7 +171,7 @@ def training_step(
             generator=sample_generator,
             gt_labels=[t["labels"] for t in targets],
             valid_g=valid_g,
-            query_instances=out.gt if isinstance(out, DenseOutput) else None,  # Mask2Former: one query each
+            query_instances=out.instances,
         )
         weights = criterion.weights_at(step)
         for name, value in iuq_terms.items():

@@ -32,6 +32,7 @@ from iuq.engine.interrupt import GracefulStop
 from iuq.engine.module import IUQModule
 from iuq.engine.run_dir import ContinuingCSVLogger, RunLock, check_resume_config, checkpoint_step, ensure_writable
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, format_table, write_metrics
+from iuq.models.build import model_spec
 from iuq.models.paste import paste_masks, select
 from iuq.visualize import draw_instances, save_png, side_by_side
 
@@ -235,12 +236,7 @@ def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out
     adapter = module.model.eval()
     device = next(adapter.parameters()).device  # evaluate where it trained (the GPU on GPU runs)
     save_model_dir(adapter, out / "model", module.label_to_category, module.class_names, d.test_short_side, d.max_size)
-    how = {
-        "mask2former": "loads with Mask2FormerForUniversalSegmentation.from_pretrained",
-        "condinst": "config.json + model.safetensors; iuq eval / predict take it",
-        "solov2": "config.json + model.safetensors; iuq eval / predict take it",
-    }[cfg.model.type]
-    print(f"model written to {out / 'model'} ({how})")
+    print(f"model written to {out / 'model'} ({model_spec(cfg.model).export_note})")
     if val_set is None:
         return None
     trained = TrainedModel(

@@ -1,11 +1,13 @@
-"""`model.type` -> the base segmenter, behind iuq's base-model interface (DESIGN.md).
+"""`model.type` -> the base segmenter, behind iuq's base-model interface (`iuq.models.interface`).
 
-One plain mapping from name to builder. Every builder returns a module with: `forward(images,
-pixel_mask, targets, views, view_loss)`, `matched`, `predict_instances`, `decoder`, `mask_loss`,
-`mask_loss_weight`, `pixel_dim`, `stride`, `equi_normaliser` and `backbone_module`.
+One spec per model: its name, its builder, and the words the engine prints about it. A new model is
+its own file plus one entry in `SPECS`; the engine never names a model type.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -15,17 +17,49 @@ from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former, mask2f
 from iuq.models.solov2 import SOLOv2
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """name: the `model.type` value. build(cfg, load_weights, hf_config) -> the model in train mode's
+    module. describe(cfg) -> the head's one-line description (run summary). export_note: how the
+    exported `model/` folder loads."""
+
+    name: str
+    build: Callable[[ModelConfig, bool, dict | None], nn.Module]
+    describe: Callable[[ModelConfig], str]
+    export_note: str
+
+
 def _mask2former(cfg: ModelConfig, load_weights: bool, hf_config: dict | None) -> nn.Module:
     model = build_mask2former(cfg) if hf_config is None else mask2former_from_config(hf_config, cfg.freeze_bn)
     return Mask2FormerAdapter(model, cfg.image_mean, cfg.image_std)
 
 
-BUILDERS = {
-    "mask2former": _mask2former,
-    "condinst": lambda cfg, load_weights, hf_config: CondInst(cfg, cfg.num_labels, load_weights),
-    "solov2": lambda cfg, load_weights, hf_config: SOLOv2(cfg, cfg.num_labels, load_weights),
-}
-assert tuple(BUILDERS) == MODEL_TYPES
+DENSE_EXPORT = "config.json + model.safetensors; iuq eval / predict take it"
+SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "mask2former", _mask2former, lambda cfg: f"Mask2Former, {cfg.num_queries} queries",
+            "loads with Mask2FormerForUniversalSegmentation.from_pretrained",
+        ),
+        ModelSpec(
+            "condinst", lambda cfg, load_weights, hf_config: CondInst(cfg, cfg.num_labels, load_weights),
+            lambda cfg: "CondInst (FCOS P3-P7, 169 dynamic parameters)", DENSE_EXPORT,
+        ),
+        ModelSpec(
+            "solov2", lambda cfg, load_weights, hf_config: SOLOv2(cfg, cfg.num_labels, load_weights),
+            lambda cfg: f"SOLOv2 (grids {'/'.join(str(s) for s in cfg.solov2.grids)})", DENSE_EXPORT,
+        ),
+    )
+}  # fmt: skip
+assert tuple(SPECS) == MODEL_TYPES
+BUILDERS = {name: spec.build for name, spec in SPECS.items()}
+
+
+def model_spec(cfg: ModelConfig) -> ModelSpec:
+    if cfg.type not in SPECS:
+        raise ValueError(f"model.type: {cfg.type!r} is not one of {tuple(SPECS)}")
+    return SPECS[cfg.type]
 
 
 def build_model(cfg: ModelConfig, load_weights: bool = True, hf_config: dict | None = None) -> nn.Module:
@@ -35,6 +69,4 @@ def build_model(cfg: ModelConfig, load_weights: bool = True, hf_config: dict | N
     download or weights package is touched). hf_config: Mask2Former's architecture as a checkpoint
     saved it (the HF config dict); given, it replaces building from `cfg`.
     """
-    if cfg.type not in BUILDERS:
-        raise ValueError(f"model.type: {cfg.type!r} is not one of {tuple(BUILDERS)}")
-    return BUILDERS[cfg.type](cfg, load_weights, hf_config).train()
+    return model_spec(cfg).build(cfg, load_weights, hf_config).train()

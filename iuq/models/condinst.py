@@ -28,7 +28,6 @@ from iuq.core.decoders import DynamicConvDecoder
 from iuq.core.losses import dice_loss
 from iuq.core.sampling import downsample_masks, grid_xy
 from iuq.models.dense import (
-    DenseOutput,
     DenseSegmenter,
     average_over_ranks,
     conv_norm_relu,
@@ -45,6 +44,7 @@ from iuq.models.fcos import (
     mask_centres,
     scale_ranges,
 )
+from iuq.models.interface import SegmenterOutput
 from iuq.models.paste import low_res_prediction
 from iuq.models.pyramid import Pyramid, build_backbone
 
@@ -175,7 +175,7 @@ class MaskBranch(nn.Module):
 
 
 class CondInst(DenseSegmenter):
-    """CondInst behind iuq's base-model interface (DESIGN.md).
+    """CondInst behind iuq's base-model interface (`iuq.models.interface`, docs/design.md).
 
     Args:
         model_cfg: the run's `model` section (backbone fields and `condinst`).
@@ -261,7 +261,7 @@ class CondInst(DenseSegmenter):
         targets: list[dict] | None = None,
         views: int = 1,
         view_loss: tuple[bool, ...] | None = None,
-    ) -> DenseOutput:
+    ) -> SegmenterOutput:
         """images [V*B, 3, H, W] in [0, 1] (V views of B images, view-major), pixel_mask [V*B, H, W];
         targets with `masks` [K, H, W] bool, `labels` [K], `boxes` [K, 4] (omit for inference).
         View v gets the base loss if `view_loss[v]` (default: all); every view is assigned."""
@@ -271,7 +271,7 @@ class CondInst(DenseSegmenter):
         heads = self._heads(images, pixel_mask)
         mask_feats = heads["mask_feats"]
         if targets is None:
-            return DenseOutput(None, {}, None, mask_feats, self.stride, None, None, None, None, heads)
+            return SegmenterOutput(None, {}, None, mask_feats, self.stride, head=heads)
         view_loss = tuple(view_loss) if view_loss is not None else (True,) * views
         rows, gts, xys, per_image = [], [], [], []
         assignments = []
@@ -295,7 +295,9 @@ class CondInst(DenseSegmenter):
             return self._losses(heads, *pick, part)
 
         loss, terms, losses = per_view_losses(views, n // views, view_loss, losses_of_view)
-        return DenseOutput(loss, terms, losses, mask_feats, self.stride, queries, query_states, gts, xys, heads)
+        return SegmenterOutput(
+            loss, terms, losses, mask_feats, self.stride, queries, gts, query_states, query_xy=xys, head=heads
+        )
 
     def _losses(self, heads, targets, assignments, queries, gts, xys, part) -> dict[str, torch.Tensor]:
         """FCOS losses and the dice mask loss of one view's images (indices `part` of the batch)."""

@@ -1,4 +1,4 @@
-"""What CondInst and SOLOv2 share: their output for iuq, the per-view loop, and small parts.
+"""What CondInst and SOLOv2 share: the per-view loop, export, and small parts.
 
 Both are dense segmenters: every location (CondInst) or grid cell (SOLOv2) of a feature map
 predicts a class and the parameters of a mask decoder; the locations assigned to an instance are
@@ -7,40 +7,18 @@ its matched queries (sigma is the assignment, not a Hungarian matching).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from iuq.models.interface import matched
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class DenseOutput:
-    """One forward of a dense segmenter on V views of B images (view-major), as iuq reads it.
-
-    loss: the base loss summed over the views that get one (each normalised over its own
-    positives); loss_terms: the first view's unweighted terms; view_losses: per view its loss (None:
-    not computed). pixel_embeddings [V*B, D, h, w]: what masks are decoded from; stride: input pixels
-    per embedding cell. queries: per image [Q_i, d], the matched queries (positive locations' decoder
-    parameters), and query_states [sum Q_i, d] the one tensor they are rows of; gt: per image [Q_i]
-    the instance each query is assigned to; query_xy: per image [Q_i, 4] (x, y, soi_x, soi_y) in
-    units of the padded canvas for decoders with coordinates, else None. head: the raw head outputs
-    inference reads.
-    """
-
-    loss: torch.Tensor | None
-    loss_terms: dict[str, torch.Tensor]
-    view_losses: list[torch.Tensor | None] | None
-    pixel_embeddings: torch.Tensor
-    stride: int
-    queries: list[torch.Tensor] | None
-    query_states: torch.Tensor | None
-    gt: list[torch.Tensor] | None
-    query_xy: list[torch.Tensor] | None
-    head: dict
 
 
 def average_over_ranks(value: float, device) -> float:
@@ -97,7 +75,7 @@ def prior_bias(p: float = 0.01) -> float:
 
 
 class DenseSegmenter(nn.Module):
-    """The part of the base-model interface (DESIGN.md) both dense models share."""
+    """The part of the base-model interface (`iuq.models.interface`) both dense models share."""
 
     stride: int  # of the pixel embeddings
 
@@ -109,16 +87,28 @@ class DenseSegmenter(nn.Module):
     def backbone_module(self) -> nn.Module:
         return self.backbone
 
-    @staticmethod
-    def matched(
-        output: DenseOutput, targets: list[dict]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per image: matched queries [Q_i, d], their instances' masks [Q_i, H, W] and labels [Q_i]."""
-        if output.queries is None:
-            raise ValueError("no assignment was made: run the forward with targets")
-        masks = [t["masks"][g.to(t["masks"].device)] for t, g in zip(targets, output.gt, strict=True)]
-        labels = [t["labels"][g.to(t["labels"].device)] for t, g in zip(targets, output.gt, strict=True)]
-        return output.queries, masks, labels
+    matched = staticmethod(matched)
+
+    def checkpoint_extras(self) -> dict:
+        return {}  # the run config alone rebuilds the architecture
+
+    def export(self, path, label_to_category, class_names, short_side: int, max_size) -> None:
+        """`path`/config.json (the `model` section, labels, category ids, test size) and model.safetensors."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "iuq_model_type": self.model_cfg.type,
+            "model": {**asdict(self.model_cfg), "num_labels": len(class_names)},
+            "class_names": list(class_names),
+            "coco_category_ids": list(label_to_category),
+            "test_short_side": short_side,
+            "max_size": max_size,
+        }
+        (path / "config.json").write_text(json.dumps(settings, indent=2))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, path / "model.safetensors")
 
     def equi_normaliser(self, queries_g: list[torch.Tensor], targets_g: list[dict]) -> float:
         """L_equi's normaliser: matched queries of the g-views averaged over ranks, at least 1 (the

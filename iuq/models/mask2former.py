@@ -1,4 +1,4 @@
-"""Mask2Former from HF transformers behind the interface iuq needs (DESIGN.md).
+"""Mask2Former from HF transformers behind the interface iuq needs (`iuq.models.interface`, docs/design.md).
 
 The model itself is `transformers.Mask2FormerForUniversalSegmentation`, unchanged. Its forward
 returns neither the per-query mask embeddings q_n nor the matching sigma, so the adapter:
@@ -23,7 +23,6 @@ Internals used: `model.model.transformer_module.decoder.{layernorm, mask_predict
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,9 +39,11 @@ from iuq.models.backbones import (
     loading_report_replaced,
     small_backbone_config,
     timm_backbone_config,
+    with_plain_batchnorm,
 )
 from iuq.models.config import ModelConfig
 from iuq.models.dense import mean_mask_count
+from iuq.models.interface import SegmenterOutput, matched
 from iuq.models.paste import low_res_prediction, pasted_logits
 
 log = logging.getLogger(__name__)
@@ -133,33 +134,6 @@ def mask2former_from_config(hf_config: dict, freeze_bn: bool):
 def backbone_module(model) -> nn.Module:
     """The backbone (HF `*Backbone` or `TimmBackbone`) inside an HF Mask2Former."""
     return model.model.pixel_level_module.encoder
-
-
-@dataclass
-class SegmenterOutput:
-    """What iuq reads from one forward of a base segmenter on a batch of V views of B images.
-
-    loss: the base loss summed over the views that get one (each view normalised over its own
-    masks, so adding a view never dilutes another); loss_terms: the first view's unweighted terms
-    (incl. auxiliary layers); view_losses: per view its weighted base loss (None: not computed).
-    pixel_embeddings: [V*B, D, h, w] ("I" of the paper); stride: input pixels per embedding cell.
-    query_embeddings: [V*B, Q, D] q_n of every query; query_states: [Q, V*B, hidden] the decoder's
-    final layer-normed states they derive from (where gradient shares at the queries are read);
-    mask_logits [V*B, Q, h, w]; class_logits [V*B, Q, C+1].
-    indices: per image (query indices, target indices), the model's own matching sigma.
-    """
-
-    loss: torch.Tensor | None
-    loss_terms: dict[str, torch.Tensor]
-    pixel_embeddings: torch.Tensor
-    stride: int
-    query_embeddings: torch.Tensor
-    mask_logits: torch.Tensor
-    class_logits: torch.Tensor
-    indices: list[tuple[torch.Tensor, torch.Tensor]] | None
-    view_losses: list[torch.Tensor | None] | None = None
-    query_states: torch.Tensor | None = None
-    query_xy: list[torch.Tensor] | None = None  # Mask2Former's decoder takes no coordinates
 
 
 class Mask2FormerAdapter(nn.Module):
@@ -268,33 +242,45 @@ class Mask2FormerAdapter(nn.Module):
                 else:
                     indices += self.model.criterion.matcher(masks, classes, mask_labels, class_labels)
                     losses.append(None)
+        query_embeddings = self.query_embeddings(states)  # [V*B, Q, D]
+        queries = instances = None
+        if indices is not None:  # sigma: query src[j] of image b is matched to its target tgt[j]
+            queries = [query_embeddings[b, src.to(query_embeddings.device)] for b, (src, _) in enumerate(indices)]
+            instances = [tgt for _, tgt in indices]
+        head = {
+            "query_embeddings": query_embeddings,  # q_n of every query
+            "mask_logits": out.masks_queries_logits,  # [V*B, Q, h, w]
+            "class_logits": out.class_queries_logits,  # [V*B, Q, C+1]
+            "indices": indices,  # per image (query indices, target indices)
+        }
         return SegmenterOutput(
-            loss=loss,
-            loss_terms=terms,
-            pixel_embeddings=out.pixel_decoder_last_hidden_state,
-            stride=self.stride,
-            query_embeddings=self.query_embeddings(states),
-            mask_logits=out.masks_queries_logits,
-            class_logits=out.class_queries_logits,
-            indices=indices,
-            view_losses=losses,
-            query_states=states,
+            loss, terms, losses, out.pixel_decoder_last_hidden_state, self.stride, queries, instances, states, head=head
         )
 
-    @staticmethod
-    def matched(
-        output: SegmenterOutput, targets: list[dict]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Per image: matched queries [Q_i, D], their ground-truth masks [Q_i, H, W] and labels [Q_i]
-        (sigma order)."""
-        if output.indices is None:
-            raise ValueError("no matching was captured: run the forward with targets")
-        queries, masks, labels = [], [], []
-        for b, (src, tgt) in enumerate(output.indices):
-            queries.append(output.query_embeddings[b, src.to(output.query_embeddings.device)])
-            masks.append(targets[b]["masks"][tgt.to(targets[b]["masks"].device)])
-            labels.append(targets[b]["labels"][tgt.to(targets[b]["labels"].device)])
-        return queries, masks, labels
+    matched = staticmethod(matched)
+
+    def checkpoint_extras(self) -> dict:
+        """The HF architecture itself, so that a checkpoint loads without the hub."""
+        return {"hf_config": self.model.config.to_dict()}
+
+    def export(self, path, label_to_category, class_names, short_side: int, max_size) -> None:
+        """`save_pretrained` of the plain HF model (ordinary BatchNorm layers), with label names,
+        COCO category ids and the image processor."""
+        from transformers import Mask2FormerImageProcessor
+
+        model = with_plain_batchnorm(self.model)
+        model.config.id2label = dict(enumerate(class_names))
+        model.config.label2id = {name: i for i, name in enumerate(class_names)}
+        model.config.coco_category_ids = list(label_to_category)
+        model.save_pretrained(path)
+        processor = Mask2FormerImageProcessor(
+            size={"shortest_edge": short_side, "longest_edge": max_size},
+            size_divisor=32,
+            image_mean=self.mean.flatten().tolist(),
+            image_std=self.std.flatten().tolist(),
+            do_reduce_labels=False,
+        )
+        processor.save_pretrained(path)
 
 
 @torch.no_grad()
@@ -312,14 +298,15 @@ def instance_predictions(
     Returns per image a prediction of `iuq.models.paste` (`scores` [N], `labels` [N] contiguous,
     `mask_logits` [N, h/4, w/4], ...).
     """
-    b, q, num_cls = output.class_logits.shape[0], output.class_logits.shape[1], output.class_logits.shape[2] - 1
+    class_logits, mask_logits = output.head["class_logits"], output.head["mask_logits"]
+    b, q, num_cls = class_logits.shape[0], class_logits.shape[1], class_logits.shape[2] - 1
     results = []
     for i in range(b):
-        probs = output.class_logits[i].softmax(-1)[:, :num_cls]  # [Q, C] (last column: no object)
+        probs = class_logits[i].softmax(-1)[:, :num_cls]  # [Q, C] (last column: no object)
         k = min(top_k, q * num_cls)
         scores, flat = probs.flatten().topk(k)
         query, labels = flat // num_cls, flat % num_cls
-        pred = low_res_prediction(output.mask_logits[i, query], scores, labels, output.stride, sizes[i], orig_sizes[i])
+        pred = low_res_prediction(mask_logits[i, query], scores, labels, output.stride, sizes[i], orig_sizes[i])
         mask_score = torch.zeros_like(scores)
         for start, logits in pasted_logits(pred):
             masks = logits > 0

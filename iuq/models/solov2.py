@@ -28,7 +28,6 @@ from iuq.core.decoders import DotProductDecoder
 from iuq.core.losses import dice_loss
 from iuq.core.sampling import downsample_masks
 from iuq.models.dense import (
-    DenseOutput,
     DenseSegmenter,
     conv_norm_relu,
     per_view_losses,
@@ -36,6 +35,7 @@ from iuq.models.dense import (
     tower,
 )
 from iuq.models.fcos import mask_centres
+from iuq.models.interface import SegmenterOutput
 from iuq.models.matrix_nms import matrix_nms
 from iuq.models.paste import low_res_prediction
 from iuq.models.pyramid import Pyramid, build_backbone
@@ -168,7 +168,7 @@ class MaskFeatureBranch(nn.Module):
 
 
 class SOLOv2(DenseSegmenter):
-    """SOLOv2 behind iuq's base-model interface (DESIGN.md). Args as `CondInst`."""
+    """SOLOv2 behind iuq's base-model interface (`iuq.models.interface`, docs/design.md). Args as `CondInst`."""
 
     stride = 4  # unified mask features
     head_strides = (8, 8, 16, 32, 32)  # P2 is read at P3's size and P6 at P5's, as in SOLOv2
@@ -251,7 +251,7 @@ class SOLOv2(DenseSegmenter):
         targets: list[dict] | None = None,
         views: int = 1,
         view_loss: tuple[bool, ...] | None = None,
-    ) -> DenseOutput:
+    ) -> SegmenterOutput:
         """As `CondInst.forward`."""
         n = images.shape[0]
         if n % views:
@@ -259,7 +259,7 @@ class SOLOv2(DenseSegmenter):
         heads = self._heads(images, pixel_mask)
         mask_feats = heads["mask_feats"]
         if targets is None:
-            return DenseOutput(None, {}, None, mask_feats, self.stride, None, None, None, None, heads)
+            return SegmenterOutput(None, {}, None, mask_feats, self.stride, head=heads)
         view_loss = tuple(view_loss) if view_loss is not None else (True,) * views
         t_cells = heads["cate"].shape[1]
         canvas = tuple(images.shape[-2:])
@@ -281,7 +281,7 @@ class SOLOv2(DenseSegmenter):
             return self._losses(heads, *pick, part)
 
         loss, terms, losses = per_view_losses(views, n // views, view_loss, losses_of_view)
-        return DenseOutput(loss, terms, losses, mask_feats, self.stride, queries, query_states, gts, None, heads)
+        return SegmenterOutput(loss, terms, losses, mask_feats, self.stride, queries, gts, query_states, head=heads)
 
     def _losses(self, heads, targets, cells, queries, gts, part) -> dict[str, torch.Tensor]:
         labels = torch.cat([

@@ -79,3 +79,20 @@ def test_negatives_modes():
     assert len(inter_scene_negatives(batch, mem, "minibatch")) == 2
     with pytest.raises(ValueError, match="'queue'"):
         inter_scene_negatives(batch, mem, "queue")
+
+
+def test_a_decoder_with_parameters_is_refused_by_the_chunked_path():
+    class Learned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, queries, pixels, pixel_xy=None, query_xy=None):
+            return self.scale * queries @ pixels.t()
+
+    q = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="Learned has parameters of its own"):
+        inter_scene_loss(q, torch.tensor([0, 1]), torch.randn(5, 4), torch.tensor([2] * 5), Learned())
+    frozen = Learned().requires_grad_(False)  # constants are fine: nothing is left untrained
+    value = inter_scene_loss(q, torch.tensor([0, 1]), torch.randn(5, 4), torch.tensor([2] * 5), frozen)
+    assert torch.isfinite(value)

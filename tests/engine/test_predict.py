@@ -13,7 +13,8 @@ from iuq.cli import main
 from iuq.engine.inference import TrainedModel
 from iuq.engine.predict import predict_files
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, encode_masks
-from iuq.models.mask2former import SegmenterOutput, instance_predictions
+from iuq.models.interface import SegmenterOutput
+from iuq.models.mask2former import instance_predictions
 from iuq.models.paste import low_res_prediction, mask_chunks, masks_to_image, paste_masks
 from tests.conftest import COCO_JSON
 
@@ -37,10 +38,8 @@ def test_chunks_of_one_instance_equal_pasting_all_at_once(monkeypatch):
 
 def test_mask2former_scores_do_not_depend_on_the_chunk_size(monkeypatch):
     g = torch.Generator().manual_seed(1)
-    out = SegmenterOutput(
-        None, {}, torch.zeros(1, 1, 8, 8), 4, torch.zeros(1, 5, 1), torch.randn(1, 5, 8, 8, generator=g) * 3,
-        torch.randn(1, 5, 4, generator=g), None,
-    )  # fmt: skip
+    head = {"mask_logits": torch.randn(1, 5, 8, 8, generator=g) * 3, "class_logits": torch.randn(1, 5, 4, generator=g)}
+    out = SegmenterOutput(None, {}, None, torch.zeros(1, 1, 8, 8), 4, head=head)
     (big,) = instance_predictions(out, sizes=[(32, 28)], orig_sizes=[(64, 56)], top_k=6)
     monkeypatch.setattr(paste, "PASTE_BUDGET", 64 * 56 * 2)  # two instances per chunk
     (small,) = instance_predictions(out, sizes=[(32, 28)], orig_sizes=[(64, 56)], top_k=6)
@@ -48,7 +47,7 @@ def test_mask2former_scores_do_not_depend_on_the_chunk_size(monkeypatch):
     # ... and equal the whole-image formula: class prob x mean mask prob inside the mask.
     logits = masks_to_image(big["mask_logits"], 4, (32, 28), (64, 56))
     inside = (logits.sigmoid() * (logits > 0)).flatten(1).sum(1) / (logits > 0).flatten(1).sum(1).clamp(min=1)
-    probs = out.class_logits[0].softmax(-1)[:, :3].flatten().topk(6).values
+    probs = out.head["class_logits"][0].softmax(-1)[:, :3].flatten().topk(6).values
     torch.testing.assert_close(big["scores"], probs * inside)
 
 

@@ -11,7 +11,7 @@ from iuq.core.decoders import DotProductDecoder
 from iuq.core.losses import dice_loss
 from iuq.engine.step import draw_g, gradient_shares, training_step, transformed_views
 from iuq.models.dense import mean_mask_count
-from iuq.models.mask2former import SegmenterOutput
+from iuq.models.interface import SegmenterOutput
 from tests.conftest import spawn_two_ranks
 
 
@@ -30,28 +30,20 @@ class RecordingModel:
         n = images.shape[0]
         emb = images.mean(1, keepdim=True).repeat(1, 2, 1, 1)[:, :, ::4, ::4]  # [N, 2, H/4, W/4]
         queries = torch.ones(n, 3, 2, requires_grad=True)
-        indices = [(torch.arange(len(t["labels"])), torch.arange(len(t["labels"]))) for t in targets]
         return SegmenterOutput(
             loss=sum(x for x in losses if x is not None),
             loss_terms={},
+            view_losses=losses,
             pixel_embeddings=emb,
             stride=4,
-            query_embeddings=queries,
-            mask_logits=torch.zeros(n, 3, *emb.shape[-2:]),
-            class_logits=torch.zeros(n, 3, 2),
-            indices=indices,
-            view_losses=losses,
+            queries=[queries[i, : len(t["labels"])] for i, t in enumerate(targets)],
+            instances=[torch.arange(len(t["labels"])) for t in targets],
             query_states=queries,
         )
 
     @staticmethod
     def equi_normaliser(queries_g, targets_g):  # as Mask2Former's: the g-views' mask count
         return mean_mask_count(targets_g, "cpu")
-
-    @staticmethod
-    def matched(out, targets):
-        q = [out.query_embeddings[i, : len(t["labels"])] for i, t in enumerate(targets)]
-        return q, [t["masks"] for t in targets], [t["labels"] for t in targets]
 
 
 def _batch():

@@ -113,7 +113,7 @@ def test_hf_backbone_checkpoint_from_a_folder(tmp_path, kind, head):
     for key in landed:
         assert torch.equal(encoder[name[key]], source[key]), key
     out = Mask2FormerAdapter(model)(torch.rand(1, 3, 64, 64))
-    assert out.mask_logits.shape == (1, 6, 16, 16)
+    assert out.head["mask_logits"].shape == (1, 6, 16, 16)
 
 
 def test_a_missing_hf_backbone_names_the_config_key(tmp_path):

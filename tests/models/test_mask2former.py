@@ -29,20 +29,21 @@ def test_query_embeddings_reproduce_the_models_mask_logits_exactly():
     images, targets = _batch()
     out = model(images, targets=targets)
     assert out.pixel_embeddings.shape == (2, 64, 16, 16) and out.stride == 4
-    assert out.query_embeddings.shape == (2, 12, 64)
-    recomputed = torch.einsum("bqd,bdhw->bqhw", out.query_embeddings, out.pixel_embeddings)
-    assert torch.equal(recomputed, out.mask_logits)
+    assert out.head["query_embeddings"].shape == (2, 12, 64)
+    recomputed = torch.einsum("bqd,bdhw->bqhw", out.head["query_embeddings"], out.pixel_embeddings)
+    assert torch.equal(recomputed, out.head["mask_logits"])
 
 
 def test_captured_matching_is_the_one_the_loss_used():
     model = _tiny()
     images, targets = _batch()
     out = model(images, targets=targets)
-    assert [len(s) for s, _ in out.indices] == [3, 2]
-    assert all(sorted(t.tolist()) == list(range(len(t))) for _, t in out.indices)
+    assert [len(s) for s, _ in out.head["indices"]] == [3, 2]
+    assert all(sorted(t.tolist()) == list(range(len(t))) for _, t in out.head["indices"])
     # The classification term depends only on sigma: recomputing it with the captured indices must
     # give the model's own value.
-    ce = model.model.criterion.loss_labels(out.class_logits, [t["labels"] for t in targets], out.indices)
+    labels = [t["labels"] for t in targets]
+    ce = model.model.criterion.loss_labels(out.head["class_logits"], labels, out.head["indices"])
     torch.testing.assert_close(ce["loss_cross_entropy"], out.loss_terms["loss_cross_entropy"])
     # The captured terms are unweighted: the model's total is their sum under its weight_dict.
     weights = model.model.weight_dict
@@ -57,8 +58,8 @@ def test_matched_queries_and_masks():
     out = model(images, targets=targets)
     queries, masks, labels = model.matched(out, targets)
     assert [q.shape for q in queries] == [(3, 64), (2, 64)]
-    src, tgt = out.indices[1]
-    assert torch.equal(queries[1], out.query_embeddings[1, src])
+    src, tgt = out.head["indices"][1]
+    assert torch.equal(queries[1], out.head["query_embeddings"][1, src])
     assert torch.equal(masks[1], targets[1]["masks"][tgt])
     assert torch.equal(labels[1], targets[1]["labels"][tgt])
 
@@ -82,14 +83,14 @@ def test_each_view_is_weighted_like_a_batch_of_its_own():
     torch.manual_seed(0)
     first_only = model(torch.cat([images, flipped]), targets=targets + targets_f, views=2, view_loss=(True, False))
     torch.testing.assert_close(first_only.loss, alone[0].loss, rtol=1e-5, atol=1e-5)
-    assert first_only.view_losses[1] is None and [len(s) for s, _ in first_only.indices] == [3, 2, 3, 2]
+    assert first_only.view_losses[1] is None and [len(s) for s, _ in first_only.head["indices"]] == [3, 2, 3, 2]
 
 
 def test_swin_backbone_builds_and_runs():
     model = _tiny("swin")
     images, targets = _batch()
     out = model(images, targets=targets)
-    assert torch.isfinite(out.loss) and out.mask_logits.shape == (2, 12, 16, 16)
+    assert torch.isfinite(out.loss) and out.head["mask_logits"].shape == (2, 12, 16, 16)
 
 
 def test_save_pretrained_loads_in_plain_transformers_with_identical_outputs(tmp_path):
