@@ -143,7 +143,7 @@ def test_a_run_from_a_pretrained_checkpoint_is_quiet_and_trains_every_module(tin
         "Loading weights",
     ):
         assert noise not in text, noise
-    assert f"model    Mask2Former, whole checkpoint {tmp_path / 'm2f'}" in out
+    assert f"model    Mask2Former, 6 queries, whole checkpoint {tmp_path / 'm2f'}" in out
     assert "step 2/4" in out and "step 4/4" in out and "COCO mask AP" in out
 
 

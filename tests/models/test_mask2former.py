@@ -100,7 +100,8 @@ def test_save_pretrained_loads_in_plain_transformers_with_identical_outputs(tmp_
 
 
 def test_instance_predictions_on_a_constructed_output():
-    from iuq.models.mask2former import SegmenterOutput, instance_predictions
+    from iuq.models.interface import SegmenterOutput
+    from iuq.models.mask2former import instance_predictions
     from iuq.models.paste import paste_masks
 
     # One image, valid 32x24 of a 32x32 padded canvas, stride 4 -> 8x8 logits; 2 queries, 3 classes.
@@ -109,7 +110,8 @@ def test_instance_predictions_on_a_constructed_output():
         200.0  # sharp: bilinear edges stay saturated  # query 0: top-left block, 16 x 12 input pixels
     )
     class_logits = torch.tensor([[[5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 9.0]]])  # query 1 is "no object"
-    out = SegmenterOutput(None, {}, torch.zeros(1, 1, 8, 8), 4, torch.zeros(1, 2, 1), mask_logits, class_logits, None)
+    head = {"mask_logits": mask_logits, "class_logits": class_logits}
+    out = SegmenterOutput(None, {}, None, torch.zeros(1, 1, 8, 8), 4, head=head)
     (pred,) = instance_predictions(out, sizes=[(32, 24)], orig_sizes=[(64, 48)], top_k=2)
     p0 = torch.tensor([5.0, 0, 0, 0]).softmax(0)[0]
     assert pred["labels"].tolist()[0] == 0
