@@ -91,3 +91,16 @@ def test_regime_map_reports_paired_gains_per_regime(tmp_path):
     half = 4.302652729911275 * math.sqrt(4 / 3) / math.sqrt(3)  # diffs -1, 1, -1: sd = sqrt(4/3)
     assert f"| unique | 11.00 | -0.33 ± {half:.2f} |" in text
     assert (tmp_path / "map.png").is_file()
+
+
+def test_a_failed_run_stops_the_study_before_the_next_starts(tiny_data, tmp_path, capsys):  # noqa: F811
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    sets = tiny_overrides(tiny_data, tmp_path / "unused", **{"train.max_steps": 2})
+    sets.append(f"data.train_ann={tmp_path / 'missing.json'}")  # every run fails at once
+    flags = [a for kv in sets for a in ("--set", kv)]
+    out = tmp_path / "study"
+    args = ["ablate", str(config), "--study", "components", "--arms", "both", "--seeds", "2", "--jobs", "1"]
+    assert main([*args, "--out", str(out), *flags]) == 2
+    assert "arm baseline seed 0 failed" in capsys.readouterr().err
+    assert sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/*")) == ["baseline/seed0"]

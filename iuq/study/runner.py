@@ -19,6 +19,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -169,18 +170,29 @@ def ablate(
     total, finished, t0 = len(todo), 0, time.perf_counter()
     print(f"study {study}: {len(chosen)} arms x {seeds} seeds, {total} run(s) to do, {jobs} at a time", flush=True)
 
+    stop = threading.Event()  # set by a failed run or Ctrl-C: runs not started yet never start
+
     def work(item):
+        if stop.is_set():
+            return None
         arm, seed, sets, fp, path = item
-        summary = run_one(config, out, arm, seed, sets, fp)
+        try:
+            summary = run_one(config, out, arm, seed, sets, fp)
+        except BaseException:
+            stop.set()
+            raise
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w") as f:
             json.dump(summary, f, indent=1)
         return summary
 
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(jobs, 1))
+    try:
         futures = {pool.submit(work, item): item for item in todo}
         for future in as_completed(futures):
             summary = future.result()  # a failed run raises here, with its log's path
+            if summary is None:
+                continue
             summaries.append(summary)
             finished += 1
             elapsed = (time.perf_counter() - t0) / 60
@@ -190,6 +202,13 @@ def ablate(
                 f"  ({summary['wall_minutes'] or 0:.1f} min)  ETA {eta:.0f} min",
                 flush=True,
             )
+    except BaseException:
+        # A failed run or Ctrl-C stops the study: runs not started yet never start (the running ones
+        # got the same Ctrl-C and checkpoint, or finish), so rerunning the command resumes cleanly.
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     order = {a.name: i for i, a in enumerate(chosen)}
     summaries.sort(key=lambda s: (order[s["arm"]], s["seed"]))
     return write_report(out, study, chosen, summaries)
