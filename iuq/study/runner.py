@@ -43,10 +43,18 @@ def run_overrides(arm: Arm, seed: int, user_sets: list[str]) -> list[str]:
     return [*user_sets, *(f"{k}={_value(v)}" for k, v in arm.overrides.items()), f"train.seed={seed}"]
 
 
+# Config keys added after studies were first fingerprinted. At their default (None: unused) they do
+# not change a run, so they stay out of the hash and a study begun before they existed resumes.
+LATER_KEYS = (("data", "paste"), ("data", "holdout"))
+
+
 def fingerprint(config: Path, sets: list[str]) -> str:
     """Hash of the resolved config without its output folder."""
     resolved = load_config(config, sets).to_dict()
     resolved.pop("out", None)
+    for section, key in LATER_KEYS:
+        if resolved.get(section, {}).get(key, 0) is None:
+            del resolved[section][key]
     return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
