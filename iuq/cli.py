@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ablate",
         help="run a study (arms x seeds) and write its table with confidence intervals",
         description="iuq ablate CONFIG --study NAME --seeds N --out DIR [--set KEY=VALUE ...]. Studies: "
-        "components, inter_loss, sampling, capacity, equivariance, lambda, readings (iuq/study/arms.py). "
+        "components, inter_loss, sampling, capacity, equivariance, lambda, readings, collapse "
+        "(iuq/study/arms.py). "
         "Finished runs are skipped, so a killed study resumes.",
     )
     s.add_argument("config", type=Path, help="run config YAML that every arm starts from")

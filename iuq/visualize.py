@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from iuq.data.coco import boxes_from_masks
+from iuq.core.views import boxes_from_masks
 
 
 def _colours(n: int) -> list[tuple[int, int, int]]:

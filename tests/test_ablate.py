@@ -28,13 +28,18 @@ def test_paired_difference_uses_the_common_seeds():
 
 
 def test_every_study_has_its_reference_first_and_the_fair_augmentation():
-    assert set(STUDIES) == {"components", "inter_loss", "sampling", "capacity", "equivariance", "lambda", "readings"}
+    assert set(STUDIES) == {
+        "components", "inter_loss", "sampling", "capacity", "equivariance", "lambda", "readings", "collapse"
+    }  # fmt: skip
     for name, arms in STUDIES.items():
         assert arms[0].overrides.get("iuq.inter") is False and arms[0].overrides.get("iuq.equi") is False, name
         assert len({a.name for a in arms}) == len(arms)
     assert [a.name for a in study_arms("components")] == ["baseline", "inter", "equi", "both"]
     assert [a.name for a in study_arms("components", ["both"])] == ["baseline", "both"]
     assert all(a.overrides["iuq.g_augment"] for a in STUDIES["components"])
+    collapse = {a.name: a.overrides for a in STUDIES["collapse"]}  # L_inter alone, centred or not
+    assert collapse["inter"]["iuq.inter_center"] is False and collapse["inter_center"]["iuq.inter_center"] is True
+    assert not collapse["inter"]["iuq.equi"] and collapse["inter"]["iuq.inter"]
     with pytest.raises(ValueError, match="--study"):
         study_arms("nope")
 

@@ -18,9 +18,9 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.ops import masks_to_boxes
 from torchvision.transforms.functional import pil_to_tensor
 
+from iuq.core.views import boxes_from_masks
 from iuq.data.rle import rle_counts_problem
 
 log = logging.getLogger(__name__)
@@ -76,19 +76,6 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     else:
         raise ValueError(f"segmentation must be a polygon list or an RLE dict, got {type(segmentation).__name__}")
     return mask_utils.decode(rle)
-
-
-def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
-    """masks [K, H, W] bool -> boxes [K, 4] float xyxy in pixel-edge coordinates.
-
-    torchvision's `masks_to_boxes` returns the last covered pixel index; +1 on x2, y2 makes the
-    box enclose whole pixels, so that flipping a box is x -> W - x exactly.
-    """
-    if masks.shape[0] == 0:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    boxes = masks_to_boxes(masks)  # [K, 4]
-    boxes[:, 2:] += 1
-    return boxes
 
 
 # Pillow modes read as 16 bits per sample; `convert("RGB")` would clip them to 255 (all white).

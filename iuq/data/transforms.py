@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from iuq.data.coco import boxes_from_masks
+from iuq.core.views import boxes_from_masks
 
 
 class Compose:

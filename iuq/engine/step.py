@@ -18,8 +18,8 @@ import torch
 from iuq.core.config import IUQConfig
 from iuq.core.criterion import IUQCriterion
 from iuq.core.sampling import PixelSamples, downsample_masks
-from iuq.core.transforms import BatchTransform, sample_transforms
-from iuq.data.coco import boxes_from_masks
+from iuq.core.transforms import BatchTransform
+from iuq.core.views import draw_g, transformed_views
 from iuq.models.interface import matched
 
 
@@ -34,39 +34,6 @@ class StepResult:
     samples: PixelSamples | None  # to enqueue after the step
     g: BatchTransform | None
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)  # gradient shares etc. (logs only)
-
-
-def draw_g(cfg: IUQConfig, pixel_mask: torch.Tensor, stride: int, generator: torch.Generator | None) -> BatchTransform:
-    """g ~ G for each image of a padded batch, by the config's crop reading."""
-    crop = (cfg.crop_min, cfg.crop_max)
-    g = sample_transforms(
-        pixel_mask.shape[0], generator, valid_fraction(pixel_mask), cfg.flip_p, crop,
-        mode=cfg.crop_mode, canvas=tuple(pixel_mask.shape[1:]), align=stride,
-    )  # fmt: skip
-    return g.to(pixel_mask.device)
-
-
-def transformed_views(images: torch.Tensor, pixel_mask: torch.Tensor, targets: list[dict], g: BatchTransform):
-    """g(I), its pixel mask and g(targets); instances cropped out entirely are dropped."""
-    g_images = g.apply(images)  # [B, 3, H, W]
-    g_mask = g.apply(pixel_mask[:, None].float(), mode="nearest")[:, 0] > 0.5  # [B, H, W]
-    g_targets = []
-    for b, t in enumerate(targets):
-        index = torch.full((t["masks"].shape[0],), b, dtype=torch.long)
-        masks = g.apply_masks(t["masks"], index)  # [K, H, W]
-        keep = masks.flatten(1).any(1)
-        g_target = {**t, "masks": masks[keep], "labels": t["labels"][keep]}
-        if "boxes" in t:
-            g_target["boxes"] = boxes_from_masks(masks[keep])
-        g_targets.append(g_target)
-    return g_images, g_mask, g_targets
-
-
-def valid_fraction(pixel_mask: torch.Tensor) -> torch.Tensor:
-    """pixel_mask [B, H, W] bool (valid region at top-left) -> [B, 2] (x, y) fractions of the canvas."""
-    w = pixel_mask.any(1).sum(1).float() / pixel_mask.shape[2]
-    h = pixel_mask.any(2).sum(1).float() / pixel_mask.shape[1]
-    return torch.stack([w, h], dim=1)
 
 
 def gradient_shares(

@@ -15,6 +15,7 @@ from iuq.models.condinst import CondInst
 from iuq.models.config import MODEL_TYPES, ModelConfig
 from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former, mask2former_from_config
 from iuq.models.solov2 import SOLOv2
+from iuq.models.sotr import SOTR
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             "solov2", lambda cfg, load_weights, hf_config: SOLOv2(cfg, cfg.num_labels, load_weights),
             lambda cfg: f"SOLOv2 (grids {'/'.join(str(s) for s in cfg.solov2.grids)})", DENSE_EXPORT,
+        ),
+        ModelSpec(
+            "sotr", lambda cfg, load_weights, hf_config: SOTR(cfg, cfg.num_labels, load_weights),
+            lambda cfg: f"SOTR (twin transformer {cfg.sotr.depth} x {cfg.sotr.fpn_channels}, grids "
+            f"{'/'.join(str(s) for s in cfg.sotr.grids)})", DENSE_EXPORT,
         ),
     )
 }  # fmt: skip

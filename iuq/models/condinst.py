@@ -28,10 +28,10 @@ from iuq.core.decoders import DynamicConvDecoder
 from iuq.core.losses import dice_loss
 from iuq.core.sampling import downsample_masks, grid_xy
 from iuq.models.dense import (
+    Assignment,
     DenseSegmenter,
     average_over_ranks,
     conv_norm_relu,
-    per_view_losses,
     prior_bias,
     tower,
 )
@@ -44,7 +44,6 @@ from iuq.models.fcos import (
     mask_centres,
     scale_ranges,
 )
-from iuq.models.interface import SegmenterOutput
 from iuq.models.paste import low_res_prediction
 from iuq.models.pyramid import Pyramid, build_backbone
 
@@ -254,54 +253,23 @@ class CondInst(DenseSegmenter):
         logits = self.decoder(queries, pixels, grid_xy(h, w, mask_feats.device), query_xy)  # [Q, h*w]
         return logits.reshape(-1, h, w)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        pixel_mask: torch.Tensor | None = None,
-        targets: list[dict] | None = None,
-        views: int = 1,
-        view_loss: tuple[bool, ...] | None = None,
-    ) -> SegmenterOutput:
-        """images [V*B, 3, H, W] in [0, 1] (V views of B images, view-major), pixel_mask [V*B, H, W];
-        targets with `masks` [K, H, W] bool, `labels` [K], `boxes` [K, 4] (omit for inference).
-        View v gets the base loss if `view_loss[v]` (default: all); every view is assigned."""
-        n = images.shape[0]
-        if n % views:
-            raise ValueError(f"a batch of {n} images does not split into {views} views")
-        heads = self._heads(images, pixel_mask)
-        mask_feats = heads["mask_feats"]
-        if targets is None:
-            return SegmenterOutput(None, {}, None, mask_feats, self.stride, head=heads)
-        view_loss = tuple(view_loss) if view_loss is not None else (True,) * views
-        rows, gts, xys, per_image = [], [], [], []
-        assignments = []
-        for i, t in enumerate(targets):
-            boxes = t["boxes"].to(images.device, torch.float32)
-            a = assign(heads["locations"], self.strides, self.ranges, boxes, mask_centres(t["masks"], boxes),
-                       self.cfg.center_radius)  # fmt: skip
-            assignments.append(a)
-            pos = a.positive.nonzero()[:, 0]  # [n_pos]
-            if pos.numel() > self.cfg.max_proposals:  # the global RNG, seeded per step by the engine
-                pos = pos[torch.randperm(pos.numel(), device=pos.device)[: self.cfg.max_proposals]]
-            rows.append(i * heads["xy"].shape[0] + pos)
-            gts.append(a.gt[pos])
-            xys.append(self.query_xy(heads["xy"][pos], heads["level"][pos], heads["canvas"]))
-            per_image.append(pos.numel())
-        query_states = heads["params"].reshape(-1, heads["params"].shape[-1])[torch.cat(rows)]  # [sum Q_i, 169]
-        queries = list(query_states.split(per_image))
+    query_key = "params"  # each location's 169 dynamic parameters
 
-        def losses_of_view(part):
-            pick = [[x[i] for i in part] for x in (targets, assignments, queries, gts, xys)]
-            return self._losses(heads, *pick, part)
+    def _assign(self, heads: dict, i: int, target: dict) -> Assignment:
+        """FCOS's assignment of one image; at most `max_proposals` positives, drawn with the global RNG
+        (seeded per step by the engine)."""
+        boxes = target["boxes"].to(heads["xy"].device, torch.float32)
+        a = assign(heads["locations"], self.strides, self.ranges, boxes, mask_centres(target["masks"], boxes),
+                   self.cfg.center_radius)  # fmt: skip
+        pos = a.positive.nonzero()[:, 0]  # [n_pos]
+        if pos.numel() > self.cfg.max_proposals:
+            pos = pos[torch.randperm(pos.numel(), device=pos.device)[: self.cfg.max_proposals]]
+        return Assignment(pos, a.gt[pos], a, self.query_xy(heads["xy"][pos], heads["level"][pos], heads["canvas"]))
 
-        loss, terms, losses = per_view_losses(views, n // views, view_loss, losses_of_view)
-        return SegmenterOutput(
-            loss, terms, losses, mask_feats, self.stride, queries, gts, query_states, query_xy=xys, head=heads
-        )
-
-    def _losses(self, heads, targets, assignments, queries, gts, xys, part) -> dict[str, torch.Tensor]:
+    def _losses(self, heads, targets, assigned, queries, part) -> dict[str, torch.Tensor]:
         """FCOS losses and the dice mask loss of one view's images (indices `part` of the batch)."""
         idx = list(part)
+        assignments = [a.detail for a in assigned]
         labels = torch.cat([
             torch.where(a.positive, t["labels"].to(a.gt.device)[a.gt.clamp(min=0)], -1) if len(t["labels"])
             else torch.full_like(a.gt, -1)
@@ -319,10 +287,11 @@ class CondInst(DenseSegmenter):
         )  # fmt: skip
         mask_feats = heads["mask_feats"]
         total, count = mask_feats.sum() * 0 + sum(q.sum() * 0 for q in queries), 0
-        for i, q, g, qxy, t in zip(idx, queries, gts, xys, targets, strict=True):
+        for i, q, a, t in zip(idx, queries, assigned, targets, strict=True):
             if q.shape[0] == 0:
                 continue
-            logits = self.to_mask_stride(self.decode(mask_feats[i], q, qxy))  # [Q, h4, w4]
+            g = a.instances
+            logits = self.to_mask_stride(self.decode(mask_feats[i], q, a.query_xy))  # [Q, h4, w4]
             target = downsample_masks(t["masks"][g.to(t["masks"].device)], logits.shape[-2:])  # [Q, h4, w4]
             total = total + self.mask_loss(logits, target, 1.0)
             count += q.shape[0]

@@ -1,21 +1,28 @@
-"""What CondInst and SOLOv2 share: the per-view loop, export, and small parts.
+"""What the dense models (CondInst, SOLOv2, SOTR) share: one forward, the per-view loop, export,
+and small parts.
 
-Both are dense segmenters: every location (CondInst) or grid cell (SOLOv2) of a feature map
-predicts a class and the parameters of a mask decoder; the locations assigned to an instance are
-its matched queries (sigma is the assignment, not a Hungarian matching).
+Every location (CondInst) or grid cell (SOLOv2, SOTR) of a feature map predicts a class and the
+parameters of a mask decoder; the locations assigned to an instance are its matched queries (sigma
+is the assignment, not a Hungarian matching). The forward is the same for all of them:
+
+    heads = model._heads(images, pixel_mask)             # the model's raw outputs, per location
+    per image: model._assign(heads, i, target)           # positives, their instances (sigma)
+    queries = the positives' rows of heads[model.query_key]
+    per view: model._losses(heads, targets, assignments, queries, part)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from iuq.models.interface import matched
+from iuq.models.interface import SegmenterOutput, matched
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -74,10 +81,65 @@ def prior_bias(p: float = 0.01) -> float:
     return -float(torch.log(torch.tensor((1 - p) / p)))
 
 
+@dataclass
+class Assignment:
+    """One image's assignment. positives: [Q_i] indices of its positive locations in the model's
+    flat per-image location order; instances: [Q_i] the instance each is assigned to (sigma);
+    detail: what the model's own losses read (CondInst's FCOS targets, SOLO's cell labels);
+    query_xy: [Q_i, 4] for decoders that read coordinates, else None."""
+
+    positives: torch.Tensor
+    instances: torch.Tensor
+    detail: Any
+    query_xy: torch.Tensor | None = None
+
+
 class DenseSegmenter(nn.Module):
-    """The part of the base-model interface (`iuq.models.interface`) both dense models share."""
+    """The part of the base-model interface (`iuq.models.interface`) the dense models share.
+
+    A subclass provides `_heads(images, pixel_mask)` -> a dict holding `mask_feats` (the pixel
+    embeddings [N, D, h, w]) and, under `query_key`, every location's query [N, L, d];
+    `_assign(heads, i, target)` -> `Assignment`; and `_losses(heads, targets, assignments, queries,
+    part)` -> the unweighted base-loss terms of the images `part` of one view."""
 
     stride: int  # of the pixel embeddings
+    query_key: str  # the entry of `_heads`'s dict that holds every location's query
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        targets: list[dict] | None = None,
+        views: int = 1,
+        view_loss: tuple[bool, ...] | None = None,
+    ) -> SegmenterOutput:
+        """images [V*B, 3, H, W] in [0, 1] (V views of B images, view-major), pixel_mask [V*B, H, W];
+        targets with `masks` [K, H, W] bool, `labels` [K], `boxes` [K, 4] (omit for inference).
+        View v gets the base loss if `view_loss[v]` (default: all); every view is assigned."""
+        n = images.shape[0]
+        if n % views:
+            raise ValueError(f"a batch of {n} images does not split into {views} views")
+        heads = self._heads(images, pixel_mask)
+        mask_feats = heads["mask_feats"]
+        if targets is None:
+            return SegmenterOutput(None, {}, None, mask_feats, self.stride, head=heads)
+        view_loss = tuple(view_loss) if view_loss is not None else (True,) * views
+        table = heads[self.query_key]  # [N, L, d]
+        assignments = [self._assign(heads, i, t) for i, t in enumerate(targets)]
+        rows = torch.cat([i * table.shape[1] + a.positives for i, a in enumerate(assignments)])
+        query_states = table.reshape(-1, table.shape[-1])[rows]  # [sum Q_i, d]
+        queries = list(query_states.split([a.positives.numel() for a in assignments]))
+
+        def losses_of_view(part):
+            pick = [[x[i] for i in part] for x in (targets, assignments, queries)]
+            return self._losses(heads, *pick, part)
+
+        loss, terms, losses = per_view_losses(views, n // views, view_loss, losses_of_view)
+        xys = [a.query_xy for a in assignments]
+        return SegmenterOutput(
+            loss, terms, losses, mask_feats, self.stride, queries, [a.instances for a in assignments],
+            query_states, query_xy=None if xys[0] is None else xys, head=heads,
+        )  # fmt: skip
 
     def normalise(self, images: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
         """[0, 1] images -> backbone input; padding is 0 after normalisation (as detectron2 pads)."""

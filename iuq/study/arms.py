@@ -100,6 +100,11 @@ STUDIES: dict[str, list[Arm]] = {
         Arm("stopgrad_features", {**READING, "iuq.equi_stopgrad": "features"}),
         Arm("stopgrad_queries", {**READING, "iuq.equi_stopgrad": "queries"}),
     ],
+    "collapse": [  # L_inter alone against ReLU mask features (SOLOv2, SOTR), with and without centring
+        Arm("baseline", BASELINE),
+        Arm("inter", {**INTER, "iuq.inter_center": False}),
+        Arm("inter_center", {**INTER, "iuq.inter_center": True}),
+    ],
 }
 
 

@@ -46,6 +46,8 @@ def run_overrides(arm: Arm, seed: int, user_sets: list[str]) -> list[str]:
 # Config keys added after studies were first fingerprinted. At their default (None: unused) they do
 # not change a run, so they stay out of the hash and a study begun before they existed resumes.
 LATER_KEYS = (("data", "paste"), ("data", "holdout"))
+# The head sections of model types added later: they do not change a run of another model type.
+LATER_MODEL_SECTIONS = ("sotr",)
 
 
 def fingerprint(config: Path, sets: list[str]) -> str:
@@ -55,6 +57,9 @@ def fingerprint(config: Path, sets: list[str]) -> str:
     for section, key in LATER_KEYS:
         if resolved.get(section, {}).get(key, 0) is None:
             del resolved[section][key]
+    for name in LATER_MODEL_SECTIONS:
+        if resolved["model"]["type"] != name:
+            del resolved["model"][name]
     return hashlib.sha1(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

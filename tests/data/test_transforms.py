@@ -1,6 +1,7 @@
 import torch
 
-from iuq.data.coco import CocoInstances, boxes_from_masks
+from iuq.core.views import boxes_from_masks
+from iuq.data.coco import CocoInstances
 from iuq.data.transforms import (
     Compose,
     RandomCrop,

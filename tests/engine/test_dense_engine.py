@@ -13,7 +13,7 @@ from iuq.data.coco import CocoInstances
 from iuq.engine.inference import evaluate, load_checkpoint, load_trained
 from iuq.engine.train import train
 from tests.engine.test_train import KillAtStep, tiny_data, tiny_overrides  # noqa: F401 (fixture)
-from tests.models.test_dense_training import HEADS
+from tests.models.test_dense_training import DENSE, HEADS
 
 M2F_ONLY = ("model.num_queries", "model.hidden_dim", "model.mask_feature_size", "model.encoder_layers",
             "model.decoder_layers", "model.heads", "model.ffn_dim", "model.train_num_points")  # fmt: skip
@@ -24,7 +24,7 @@ def dense_overrides(kind, data, out, **extra) -> list[str]:
     return [*keep, f"model.type={kind}", *HEADS[kind]]
 
 
-@pytest.mark.parametrize("kind", ["condinst", "solov2"])
+@pytest.mark.parametrize("kind", DENSE)
 def test_resume_checkpoint_export_and_eval(kind, tiny_data, tmp_path):  # noqa: F811
     every_step = {"train.checkpoint_every_steps": 1, "train.eval_every_epochs": 1}
     straight = load_config(None, dense_overrides(kind, tiny_data, tmp_path / "straight", **every_step))

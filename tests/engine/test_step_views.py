@@ -9,7 +9,8 @@ from iuq.core.config import IUQConfig
 from iuq.core.criterion import IUQCriterion
 from iuq.core.decoders import DotProductDecoder
 from iuq.core.losses import dice_loss
-from iuq.engine.step import draw_g, gradient_shares, training_step, transformed_views
+from iuq.core.views import draw_g, transformed_views
+from iuq.engine.step import gradient_shares, training_step
 from iuq.models.dense import mean_mask_count
 from iuq.models.interface import SegmenterOutput
 from tests.conftest import spawn_two_ranks

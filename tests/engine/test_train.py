@@ -189,16 +189,23 @@ def test_shipped_configs_validate():
     assert nuclei.iuq.inter and nuclei.iuq.equi and not base.iuq.inter and not base.iuq.equi
     assert nuclei.model == base.model and nuclei.data == base.data and nuclei.train == base.train
     assert base.model.num_queries >= 184 and base.model.backbone == "efficientnet_lite0"  # densest tile: 184
-    for kind in ("condinst", "solov2"):  # each IUQ config has a baseline differing in IUQ's switches only
+    for kind in ("condinst", "solov2", "sotr"):  # each IUQ config has a baseline differing in IUQ's switches only
         for data in ("demo", "nuclei24"):
             run = load_config(ROOT / "configs" / f"{kind}_{data}.yaml")
             base = load_config(ROOT / "configs" / f"{kind}_{data}_baseline.yaml")
             assert run.model.type == base.model.type == kind
             assert run.iuq.inter and run.iuq.equi and not base.iuq.inter and not base.iuq.equi
+            assert run.iuq.inter_center == (kind == "sotr")  # SOTR ships with the guard against the collapse
             assert run.model == base.model and run.data == base.data and run.train == base.train
-        coco = load_config(ROOT / "configs" / f"{kind}_coco_r50_1x.yaml")
+        if kind == "sotr":  # the released R50 recipe: batch 8, 300k iterations, steps at 210k and 250k
+            coco = load_config(ROOT / "configs" / "sotr_coco_r50.yaml")
+            assert coco.data.batch_size * 8 == 8 and coco.train.max_steps == 300_000
+            assert [round(f * 300_000) for f in coco.train.step_milestones] == [210_000, 250_000]
+            assert (coco.model.sotr.depth, coco.model.sotr.heads, coco.model.sotr.fpn_channels) == (12, 8, 256)
+        else:
+            coco = load_config(ROOT / "configs" / f"{kind}_coco_r50_1x.yaml")
+            assert coco.data.batch_size * 8 == 16 and coco.train.max_epochs == 12
         assert coco.model.backbone == "resnet50" and coco.train.optimizer == "sgd" and coco.train.lr == 0.01
-        assert coco.data.batch_size * 8 == 16 and coco.train.max_epochs == 12
 
 
 def test_fixed_size_crops_and_their_range_check():

@@ -6,7 +6,7 @@ import torch
 
 from iuq.config import load_config
 from iuq.core.criterion import IUQCriterion
-from iuq.data.coco import boxes_from_masks
+from iuq.core.views import boxes_from_masks
 from iuq.engine.inference import load_trained, save_model_dir
 from iuq.engine.step import training_step
 from iuq.models.build import build_model
@@ -20,8 +20,16 @@ HEADS = {
                "model.solov2.kernel_channels=32", "model.solov2.mask_feature_channels=32",
                "model.solov2.grids=[12,10,8,6,4]",
                "model.solov2.scale_ranges=[[1,24],[12,48],[24,96],[48,192],[96,512]]"],
+    "sotr": ["model.sotr.fpn_channels=32", "model.sotr.depth=1", "model.sotr.heads=2",
+             "model.sotr.kernel_channels=32", "model.sotr.mask_feature_channels=32", "model.sotr.grids=[12,10,8,6,4]",
+             "model.sotr.scale_ranges=[[1,24],[12,48],[24,96],[48,192],[96,512]]"],
 }  # fmt: skip
-DYNAMIC = {"condinst": lambda m: m.head.controller.weight, "solov2": lambda m: m.kernel_out.weight}
+DENSE = sorted(HEADS)
+DYNAMIC = {
+    "condinst": lambda m: m.head.controller.weight,
+    "solov2": lambda m: m.kernel_out.weight,
+    "sotr": lambda m: m.kernel_out.weight,
+}
 
 
 def tiny(kind: str, *extra: str):
@@ -49,7 +57,7 @@ def batch(empty: bool = False):
     return images, torch.ones(2, 64, 64, dtype=torch.bool), targets
 
 
-@pytest.mark.parametrize("kind", ["condinst", "solov2"])
+@pytest.mark.parametrize("kind", DENSE)
 def test_loss_decreases_over_30_steps(kind):
     cfg, model = tiny(kind)
     images, pixel_mask, targets = batch()
@@ -66,7 +74,7 @@ def test_loss_decreases_over_30_steps(kind):
     assert mask_terms and all(torch.isfinite(out.loss_terms[k]) for k in out.loss_terms)
 
 
-@pytest.mark.parametrize("kind", ["condinst", "solov2"])
+@pytest.mark.parametrize("kind", DENSE)
 def test_a_batch_of_empty_images_trains(kind):
     cfg, model = tiny(kind)
     images, pixel_mask, targets = batch(empty=True)
@@ -85,7 +93,7 @@ def test_a_batch_of_empty_images_trains(kind):
     result.loss.backward()
 
 
-@pytest.mark.parametrize("kind", ["condinst", "solov2"])
+@pytest.mark.parametrize("kind", DENSE)
 def test_one_iuq_step_reaches_the_dynamic_parameters(kind):
     cfg, model = tiny(kind)
     criterion = IUQCriterion(cfg.iuq, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight)
@@ -112,12 +120,13 @@ def test_one_iuq_step_reaches_the_dynamic_parameters(kind):
     assert result.diagnostics["grad_share/pixel/inter"] == 0
 
 
-@pytest.mark.parametrize("kind", ["condinst", "solov2"])
+@pytest.mark.parametrize("kind", DENSE)
 def test_export_and_reload_predict_the_same(kind, tmp_path):
     keep_all = {  # a barely trained model: keep every candidate, so that there is something to compare
         "condinst": ["model.condinst.score_threshold=0.0"],
         "solov2": ["model.solov2.score_threshold=0.0", "model.solov2.update_threshold=0.0",
                    "model.solov2.mask_threshold=0.01"],
+        "sotr": ["model.sotr.score_threshold=0.0", "model.sotr.update_threshold=0.0", "model.sotr.mask_threshold=0.01"],
     }  # fmt: skip
     cfg, model = tiny(kind, *keep_all[kind])
     images, pixel_mask, targets = batch()

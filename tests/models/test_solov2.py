@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from iuq.models.matrix_nms import matrix_nms
-from iuq.models.solov2 import points_nms, solo_targets
+from iuq.models.solo import points_nms, solo_targets
 
 RANGES = [[1.0, 96.0], [48.0, 192.0], [96.0, 384.0], [192.0, 768.0], [384.0, 2048.0]]
 
