@@ -3,7 +3,7 @@
 A Mask2Former's `model/` directory is what `save_pretrained` wrote (config.json, model.safetensors)
 plus the image processor's `preprocessor_config.json` (test-time resize); the COCO category id of
 each label is kept in the model config as `coco_category_ids`, so plain transformers users have it
-too. A CondInst's or SOLOv2's is `config.json` (`iuq_model_type`, the run's `model` section, labels,
+too. A dense model's (CondInst, SOLOv2, SOTR) is `config.json` (`iuq_model_type`, the run's `model` section, labels,
 category ids, test-time size) and `model.safetensors` (the state dict, loadable with
 `safetensors.torch.load_file` into `iuq.models.build.build_model(config)`).
 """
@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class TrainedModel:
-    model: torch.nn.Module  # a base model of `iuq.models.build` (Mask2FormerAdapter, CondInst, SOLOv2)
+    model: torch.nn.Module  # a base model of `iuq.models.build` (Mask2FormerAdapter, CondInst, SOLOv2, SOTR)
     label_to_category: list[int]
     class_names: list[str]
     short_side: int
@@ -139,7 +139,7 @@ def _dense_from_model_dir(path: Path, settings: dict) -> TrainedModel:
 
 def save_model_dir(model, path: str | Path, label_to_category, class_names, short_side, max_size):
     """The trained model in `path` (`export` of the model: Mask2Former as `save_pretrained` of the
-    plain HF model, CondInst / SOLOv2 as config.json + model.safetensors)."""
+    plain HF model, the dense models as config.json + model.safetensors)."""
     model.export(Path(path), label_to_category, class_names, short_side, max_size)
 
 

@@ -1,10 +1,10 @@
-"""Backbone and feature pyramid of the dense segmenters (CondInst, SOLOv2).
+"""Backbone and feature pyramid of the dense segmenters (CondInst, SOLOv2, SOTR).
 
 The backbone gives C2..C5 (strides 4, 8, 16, 32); torchvision's `FeaturePyramidNetwork` turns them
 into the levels a head reads:
 
 - "p3-p7" (FCOS / CondInst): C3..C5 -> P3..P5, then P6, P7 by stride-2 3x3 convs on P5;
-- "p2-p6" (SOLOv2): C2..C5 -> P2..P5, then P6 by stride-2 subsampling of P5.
+- "p2-p6" (SOLOv2, SOTR): C2..C5 -> P2..P5, then P6 by stride-2 subsampling of P5.
 
 Backbones (`model.backbone`), all ending in the same four feature maps:
 
