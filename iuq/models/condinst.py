@@ -32,6 +32,7 @@ from iuq.models.dense import (
     DenseSegmenter,
     average_over_ranks,
     conv_norm_relu,
+    init_convs,
     prior_bias,
     tower,
 )
@@ -136,12 +137,7 @@ class FCOSHead(nn.Module):
         self.ctrness = nn.Conv2d(channels, 1, 3, padding=1)
         self.controller = nn.Conv2d(channels, num_params, 3, padding=1)
         self.scales = nn.ModuleList(Scale() for _ in strides)
-        for layer in [*self.cls_tower.modules(), *self.box_tower.modules(), self.cls_logits, self.box_pred,
-                      self.ctrness, self.controller]:  # fmt: skip
-            if isinstance(layer, nn.Conv2d):
-                nn.init.normal_(layer.weight, std=0.01)
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        init_convs([self.cls_tower, self.box_tower, self.cls_logits, self.box_pred, self.ctrness, self.controller])
         nn.init.constant_(self.cls_logits.bias, prior_bias(0.01))
 
     def forward(self, features: list[torch.Tensor]):
@@ -196,8 +192,7 @@ class CondInst(DenseSegmenter):
         self.head = FCOSHead(c.fpn_channels, num_classes, c.head_convs, self.decoder.num_query_params(), self.strides)
         self.mask_branch = MaskBranch(c.fpn_channels, c.mask_branch_channels, c.mask_branch_convs)
         self.ranges = scale_ranges(c.sizes_of_interest)
-        self.register_buffer("mean", torch.tensor(model_cfg.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(model_cfg.image_std).view(1, 3, 1, 1), persistent=False)
+        self.register_normalisation(model_cfg)
 
     mask_loss_weight = 1.0  # AdelaiDet weighs the dice loss by 1
     pixel_dim = MASK_CHANNELS

@@ -76,6 +76,16 @@ def tower(cin: int, channels: int, depth: int, norm: str = "gn") -> nn.Sequentia
     return nn.Sequential(*[conv_norm_relu(cin if i == 0 else channels, channels, norm) for i in range(depth)])
 
 
+def init_convs(modules, std: float = 0.01) -> None:
+    """Every Conv2d among `modules` (and their children): weights N(0, std), biases 0, as the heads of
+    FCOS, CondInst and SOLO start."""
+    for layer in (m for module in modules for m in module.modules()):
+        if isinstance(layer, nn.Conv2d):
+            nn.init.normal_(layer.weight, std=std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 def prior_bias(p: float = 0.01) -> float:
     """Bias of a classification layer so that every class starts at probability p (focal loss)."""
     return -float(torch.log(torch.tensor((1 - p) / p)))
@@ -104,6 +114,11 @@ class DenseSegmenter(nn.Module):
 
     stride: int  # of the pixel embeddings
     query_key: str  # the entry of `_heads`'s dict that holds every location's query
+
+    def register_normalisation(self, model_cfg) -> None:
+        """The backbone's input mean and std as buffers (not saved: the config holds them)."""
+        self.register_buffer("mean", torch.tensor(model_cfg.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(model_cfg.image_std).view(1, 3, 1, 1), persistent=False)
 
     def forward(
         self,

@@ -27,12 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
+from iuq.core.decoders import DotProductDecoder
 from iuq.core.losses import dice_loss
 from iuq.core.sampling import downsample_masks
 from iuq.models.dense import Assignment, DenseSegmenter, conv_norm_relu
 from iuq.models.fcos import mask_centres
 from iuq.models.matrix_nms import matrix_nms
 from iuq.models.paste import low_res_prediction
+from iuq.models.pyramid import Pyramid, build_backbone
 
 
 @dataclass
@@ -175,14 +177,22 @@ class MaskFeatureBranch(nn.Module):
 
 
 class SOLOFamily(DenseSegmenter):
-    """The SOLO-family half of the base-model interface (`iuq.models.interface`): a subclass builds
-    `backbone`, `decoder` (`DotProductDecoder`), `mean`/`std` and `cfg` (a `SOLOConfig`), and its
+    """The SOLO-family half of the base-model interface (`iuq.models.interface`): this builds the
+    backbone, the FPN P2..P6 and the dot-product decoder; a subclass builds its head, and its
     `_heads(images, pixel_mask)` returns `cate` [N, T, C] and `kernels` [N, T, E] over the T = sum S^2
     cells (levels in order, row-major), `mask_feats` [N, E, H/4, W/4] and `canvas` (H, W)."""
 
     stride = 4  # unified mask features
     head_strides = (8, 8, 16, 32, 32)  # P2 is read at P3's size and P6 at P5's, as in SOLOv2 and SOTR
     equi_upsample = 1  # the base loss is at the mask features' stride (4)
+
+    def __init__(self, model_cfg, cfg: SOLOConfig, num_classes: int, load_weights: bool):
+        super().__init__()
+        self.cfg, self.num_classes, self.model_cfg = cfg, num_classes, model_cfg
+        self.backbone = build_backbone(model_cfg, load_weights)
+        self.pyramid = Pyramid(self.backbone.channels, cfg.fpn_channels, "p2-p6")
+        self.decoder = DotProductDecoder()
+        self.register_normalisation(model_cfg)
 
     def _heads(self, images: torch.Tensor, pixel_mask: torch.Tensor | None) -> dict:
         raise NotImplementedError

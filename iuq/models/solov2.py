@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iuq.core.decoders import DotProductDecoder
-from iuq.models.dense import prior_bias, tower
-from iuq.models.pyramid import Pyramid, build_backbone
+from iuq.models.dense import init_convs, prior_bias, tower
 from iuq.models.solo import MaskFeatureBranch, SOLOConfig, SOLOFamily, coordinates, grid_inputs
 
 
@@ -43,11 +41,8 @@ class SOLOv2(SOLOFamily):
     """SOLOv2 behind iuq's base-model interface (`iuq.models.interface`, docs/design.md). Args as `CondInst`."""
 
     def __init__(self, model_cfg, num_classes: int, load_weights: bool = True):
-        super().__init__()
-        c = model_cfg.solov2
-        self.cfg, self.num_classes, self.model_cfg = c, num_classes, model_cfg
-        self.backbone = build_backbone(model_cfg, load_weights)
-        self.pyramid = Pyramid(self.backbone.channels, c.fpn_channels, "p2-p6")
+        super().__init__(model_cfg, model_cfg.solov2, num_classes, load_weights)
+        c = self.cfg
         if c.head_convs < 1:
             raise ValueError("model.solov2.head_convs: must be >= 1")
         self.cate_tower = tower(c.fpn_channels, c.head_channels, c.head_convs)
@@ -55,16 +50,8 @@ class SOLOv2(SOLOFamily):
         self.cate_out = nn.Conv2d(c.head_channels, num_classes, 3, padding=1)
         self.kernel_out = nn.Conv2d(c.head_channels, c.kernel_channels, 3, padding=1)
         self.mask_features = MaskFeatureBranch(c.fpn_channels, c.mask_feature_channels, c.kernel_channels)
-        self.decoder = DotProductDecoder()
-        heads = [self.cate_tower, self.kernel_tower, self.cate_out, self.kernel_out, self.mask_features]
-        for layer in (m for head in heads for m in head.modules()):
-            if isinstance(layer, nn.Conv2d):
-                nn.init.normal_(layer.weight, std=0.01)
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        init_convs([self.cate_tower, self.kernel_tower, self.cate_out, self.kernel_out, self.mask_features])
         nn.init.constant_(self.cate_out.bias, prior_bias(0.01))
-        self.register_buffer("mean", torch.tensor(model_cfg.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(model_cfg.image_std).view(1, 3, 1, 1), persistent=False)
 
     def _heads(self, images, pixel_mask) -> dict:
         feats = self.pyramid(self.backbone(self.normalise(images, pixel_mask)))  # P2..P6

@@ -39,9 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iuq.core.decoders import DotProductDecoder
-from iuq.models.dense import prior_bias
-from iuq.models.pyramid import Pyramid, build_backbone
+from iuq.models.dense import init_convs, prior_bias
 from iuq.models.solo import MaskFeatureBranch, SOLOConfig, SOLOFamily, grid_inputs
 
 
@@ -144,24 +142,14 @@ class SOTR(SOLOFamily):
     """SOTR behind iuq's base-model interface (`iuq.models.interface`, docs/design.md). Args as `CondInst`."""
 
     def __init__(self, model_cfg, num_classes: int, load_weights: bool = True):
-        super().__init__()
-        c = model_cfg.sotr
-        self.cfg, self.num_classes, self.model_cfg = c, num_classes, model_cfg
-        self.backbone = build_backbone(model_cfg, load_weights)
-        self.pyramid = Pyramid(self.backbone.channels, c.fpn_channels, "p2-p6")
+        super().__init__(model_cfg, model_cfg.sotr, num_classes, load_weights)
+        c = self.cfg
         self.transformer = TwinTransformer(c.fpn_channels, c.depth, c.heads)
         self.cate_out = nn.Linear(c.fpn_channels, num_classes)
         self.kernel_out = nn.Linear(c.fpn_channels, c.kernel_channels)
         self.mask_features = MaskFeatureBranch(c.fpn_channels, c.mask_feature_channels, c.kernel_channels, coords=False)
-        self.decoder = DotProductDecoder()
-        for layer in self.mask_features.modules():  # the transformer and linear layers keep torch's init
-            if isinstance(layer, nn.Conv2d):
-                nn.init.normal_(layer.weight, std=0.01)
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        init_convs([self.mask_features])  # the transformer and the linear layers keep torch's init
         nn.init.constant_(self.cate_out.bias, prior_bias(0.01))
-        self.register_buffer("mean", torch.tensor(model_cfg.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(model_cfg.image_std).view(1, 3, 1, 1), persistent=False)
 
     def _heads(self, images, pixel_mask) -> dict:
         feats = self.pyramid(self.backbone(self.normalise(images, pixel_mask)))  # P2..P6
