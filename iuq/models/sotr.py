@@ -28,6 +28,11 @@ Deviations from the released code, each deliberate:
   softmax(q k^T / sqrt(e)) v; same function, fused kernel).
 - The FPN is torchvision's `FeaturePyramidNetwork` with P6 by subsampling P5 (detectron2's), and the
   backbone any of `iuq.models.pyramid`'s.
+- The stride-4 mask targets are a majority vote of the full-resolution mask per cell
+  (`downsample_masks`, as for SOLOv2); the released code rescales the bitmaps with mmcv's
+  `imrescale`.
+- The focal loss's normaliser (positives + 1) and the dice mean over positives are taken per view
+  of IUQ's batch (`iuq.models.dense`); with IUQ off there is one view and they are the released ones.
 """
 
 from __future__ import annotations
