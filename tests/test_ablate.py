@@ -109,3 +109,16 @@ def test_a_failed_run_stops_the_study_before_the_next_starts(tiny_data, tmp_path
     assert main([*args, "--out", str(out), *flags]) == 2
     assert "arm baseline seed 0 failed" in capsys.readouterr().err
     assert sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/*")) == ["baseline/seed0"]
+
+
+def test_a_later_model_section_changes_the_fingerprint_of_its_own_model_type_only():
+    from pathlib import Path
+
+    from iuq.study.runner import fingerprint
+
+    config = Path(__file__).parents[1] / "configs" / "solov2_demo.yaml"
+    solov2 = fingerprint(config, [])
+    assert fingerprint(config, ["model.sotr.depth=3"]) == solov2  # a study begun before SOTR resumes
+    assert fingerprint(config, ["model.solov2.head_convs=3"]) != solov2
+    sotr = Path(__file__).parents[1] / "configs" / "sotr_demo.yaml"
+    assert fingerprint(sotr, ["model.sotr.depth=3"]) != fingerprint(sotr, [])
