@@ -102,7 +102,7 @@ def _eval(args) -> None:
 
         CocoInstances(args.gt, None, skip_hint=SKIP_HINT)  # the loader's checks, before COCOeval's asserts
         results = read_results(args.pred)
-        metrics = evaluate_results(args.gt, results, backend=args.backend, max_dets=args.max_dets)
+        metrics = evaluate_results(args.gt, results, backend=args.backend, max_dets=args.max_dets, metric=args.metric)
     print(format_table(metrics))
     if args.out:
         write_metrics(metrics, args.out)
@@ -126,7 +126,12 @@ def _eval_model(args) -> dict:
     trained.top_k = max(trained.top_k, args.max_dets)
     dataset = CocoInstances(args.data, args.images, skip_invalid=args.skip_invalid, skip_hint=SKIP_HINT)
     metrics, results = evaluate(
-        trained, dataset, backend=args.backend, device=_device(args.device), max_dets=args.max_dets
+        trained,
+        dataset,
+        backend=args.backend,
+        device=_device(args.device),
+        max_dets=args.max_dets,
+        metric=args.metric,
     )
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--results", type=Path, help="also write the model's COCO results JSON here")
     s.add_argument("--gt", type=Path, help="ground-truth instances JSON (with --pred)")
     s.add_argument("--pred", type=Path, help="COCO results JSON (segmentation RLE, score)")
-    s.add_argument("--out", type=Path, help="write AP, AP50, AP75, APs, APm, APl here")
+    s.add_argument("--out", type=Path, help="write AP, AP50, AP75, APs, APm, APl (and APr, APc, APf) here")
+    s.add_argument(
+        "--metric",
+        choices=("coco", "lvis"),
+        default="coco",
+        help="coco, or lvis: LVIS v1's federated mask AP with AP_r / AP_c / AP_f (give --max-dets 300)",
+    )
     s.add_argument("--backend", choices=("faster", "pycocotools"), default="faster")
     s.add_argument("--max-dets", type=int, default=100, help="COCO maxDets: detections per image that count")
     s.add_argument("--skip-invalid", action="store_true", help="skip and count invalid entries of --data")

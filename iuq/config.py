@@ -75,6 +75,9 @@ class DataConfig:
     synthetic: when set and `train_ann` does not exist, the embedded dataset is generated first.
     paste: the same for the pasted-object scenes built from a COCO-format source (`iuq data paste`).
     holdout: the same for a dev split held out of a training set by source (`iuq data holdout`).
+    repeat_factor_threshold: repeat-factor sampling of rare classes (LVIS; 0.001 in its recipes):
+        an image is seen max(1, sqrt(t / f(c))) times per epoch for its rarest class c, f(c) being
+        the fraction of training images with c (`iuq.data.lvis`). None: each image once.
     """
 
     train_ann: str = "data/synthetic/annotations/instances_train.json"
@@ -94,8 +97,11 @@ class DataConfig:
     batch_size: int = 2
     num_workers: int = 2
     skip_invalid: bool = False
+    repeat_factor_threshold: float | None = None
 
     def __post_init__(self) -> None:
+        if self.repeat_factor_threshold is not None and not 0 < self.repeat_factor_threshold <= 1:
+            raise ConfigError(f"data.repeat_factor_threshold: must be in (0, 1], got {self.repeat_factor_threshold!r}")
         check_range(
             "data",
             self,
@@ -110,6 +116,9 @@ class DataConfig:
             )
 
 
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
+
 @dataclass
 class TrainConfig:
     """Optimiser, schedule and the Lightning trainer.
@@ -118,12 +127,18 @@ class TrainConfig:
     schedule: "poly" ((1 - t/T)^poly_power), "step" (x step_gamma at each of step_milestones, given as
         fractions of the run) or "constant"; warmup_steps ramps linearly from warmup_factor * lr.
     max_steps / max_epochs: length of the run (max_steps wins when both are set).
-    precision: Lightning precision ("32-true", "bf16-mixed", "16-mixed"; mixed needs a GPU).
+    precision: "32-true", "bf16-mixed" (autocast to bf16: the GPU default for large runs; also on the
+        CPU) or "16-mixed" (fp16 with a gradient scaler, for GPUs without bf16). Under either mixed
+        mode the losses, L_equi's sampling grid and CondInst's relative coordinates still run in fp32
+        (docs/design.md, "Precision").
+    tf32: on CUDA, let fp32 matrix products use TF32 (`torch.set_float32_matmul_precision("high")`).
     accelerator, devices, num_nodes, strategy: passed to `lightning.Trainer` (DDP under torchrun or
         SLURM is detected by Lightning).
     checkpoint_every_steps: also write checkpoints/last.ckpt every this many steps (0: epochs only).
     eval_every_epochs: COCO evaluation on the val split every this many epochs (0: only at the end).
-    deterministic: request deterministic kernels (CPU runs are deterministic either way).
+    deterministic: true (deterministic kernels only: on CUDA some backward passes used here, bilinear
+        upsampling and grid_sample, have none and raise), "warn" (deterministic where one exists,
+        a warning elsewhere) or false. CPU runs are deterministic either way.
     log_every_steps: write every loss term to logs/ every this many steps.
     print_every_steps: print a progress line (loss, s/step, time left) every this many steps.
     log_grad_share_every: every this many steps (0: never) log each loss term's share of the
@@ -147,12 +162,13 @@ class TrainConfig:
     max_steps: int | None = None
     max_epochs: int | None = 12
     precision: str = "32-true"
+    tf32: bool = True
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
     seed: int = 0
-    deterministic: bool = False
+    deterministic: bool | str = False
     checkpoint_every_steps: int = 500
     eval_every_epochs: int = 1
     log_every_steps: int = 10
@@ -165,6 +181,10 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer: {self.optimizer!r} is not one of ('adamw', 'sgd')")
         if self.schedule not in ("poly", "step", "constant"):
             raise ConfigError(f"train.schedule: {self.schedule!r} is not one of ('poly', 'step', 'constant')")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision: {self.precision!r} is not one of {PRECISIONS}")
+        if self.deterministic not in (True, False, "warn"):
+            raise ConfigError(f"train.deterministic: {self.deterministic!r} is not one of (true, false, 'warn')")
         if self.max_steps is None and self.max_epochs is None:
             raise ConfigError("train.max_steps / train.max_epochs: set at least one")
         if self.lr <= 0:
@@ -191,6 +211,8 @@ class EvalConfig:
         images: `iuq data stats` reports images with more instances than this).
     top_k: detections the model keeps per image (None: max_dets).
     backend: "faster" (faster-coco-eval) or "pycocotools".
+    metric: "coco" or "lvis" (LVIS v1's federated mask AP with AP_r / AP_c / AP_f; needs backend
+        "faster"; LVIS counts max_dets 300).
     num_vis: val images drawn to predictions/*.png at the end (ground truth beside prediction).
     vis_threshold: score threshold of the drawn predictions.
     """
@@ -198,6 +220,7 @@ class EvalConfig:
     max_dets: int = 100
     top_k: int | None = None
     backend: str = "faster"
+    metric: str = "coco"
     num_vis: int = 4
     vis_threshold: float = 0.5
     batch_size: int = 4
@@ -208,6 +231,10 @@ class EvalConfig:
             self,
             {"max_dets": (1, None), "num_vis": (0, None), "vis_threshold": (0, 1), "batch_size": (1, None)},
         )
+        if self.metric not in ("coco", "lvis"):
+            raise ConfigError(f"eval.metric: {self.metric!r} is not one of ('coco', 'lvis')")
+        if self.metric == "lvis" and self.backend != "faster":
+            raise ConfigError("eval.metric: lvis needs eval.backend faster (faster-coco-eval's lvis_style)")
         if self.top_k is not None and self.top_k < self.max_dets:
             raise ConfigError(
                 f"eval.top_k: {self.top_k} keeps fewer detections than eval.max_dets {self.max_dets} counts; "

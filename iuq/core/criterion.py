@@ -58,7 +58,9 @@ class IUQCriterion(nn.Module):
         self.cfg, self.decoder, self.mask_loss = cfg, decoder, mask_loss
         self.mask_loss_weight, self.mask_upsample = mask_loss_weight, mask_upsample
         use_memory = cfg.inter and cfg.inter_mode == "memory"
-        self.memory = PixelMemory(cfg.memory_capacity, pixel_dim) if use_memory else None
+        self.memory = (
+            PixelMemory(cfg.memory_capacity, pixel_dim, getattr(torch, cfg.memory_dtype)) if use_memory else None
+        )
         if cfg.inter and cfg.inter_center:  # running mean of instance-pixel embeddings; count 0: none yet
             self.register_buffer("center", torch.zeros(pixel_dim))
             self.register_buffer("center_count", torch.zeros((), dtype=torch.int64))

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iuq.core.losses import upcast
+
 
 class DotProductDecoder(nn.Module):
     """logits = q . I (Mask2Former, SOLOv2's dynamic 1x1 kernels, SOTR): d == D."""
@@ -19,7 +21,7 @@ class DotProductDecoder(nn.Module):
 
     def forward(self, queries, pixels, pixel_xy=None, query_xy=None) -> torch.Tensor:
         """queries [Q, D], pixels [P, D] -> logits [Q, P]."""
-        return queries @ pixels.t()
+        return queries @ pixels.t().to(queries.dtype)  # pixels may be a bf16 memory (iuq.memory_dtype)
 
 
 class DynamicConvDecoder(nn.Module):
@@ -68,13 +70,17 @@ class DynamicConvDecoder(nn.Module):
         soi = query_xy[:, 2:] if query_xy.shape[1] > 2 else query_xy.new_full((q, 1), self.soi)  # [Q, 1 or 2]
         layers = self.split_params(queries)
         # Layer 1 on [rel, feats] with rel = (q_xy - p_xy) / soi is affine in [p_xy, feats]: a per-query
-        # constant plus [P, 10] x [Q, 10, out], so the [Q, P, 10] input is never built.
-        w1, b1 = layers[0]  # [Q, out, 10], [Q, out]
-        w_xy = w1[:, :, :2] / soi[:, None, :].to(w1.dtype)  # [Q, out, 2]
-        const = b1 + (w_xy * query_xy[:, None, :2].to(w1.dtype)).sum(-1)  # [Q, out]
-        per_query = torch.cat([-w_xy, w1[:, :, 2:]], dim=2)  # [Q, out, 10] on [p_xy, feats]
-        z = torch.cat([pixel_xy.to(pixels.dtype), pixels], dim=1)  # [P, 10]
-        x = torch.matmul(z[None], per_query.transpose(1, 2).to(z.dtype)) + const[:, None, :].to(z.dtype)  # [Q, P, out]
+        # constant plus [P, 10] x [Q, 10, out], so the [Q, P, 10] input is never built. The constant
+        # and the p_xy term nearly cancel near the query, so layer 1 runs in fp32 whatever the
+        # autocast: in bf16 the difference would keep 1-2 significant bits.
+        with torch.autocast(pixels.device.type, enabled=False):
+            w1, b1 = (upcast(t) for t in layers[0])  # [Q, out, 10], [Q, out]
+            w_xy = w1[:, :, :2] / soi[:, None, :].to(w1.dtype)  # [Q, out, 2]
+            const = b1 + (w_xy * query_xy[:, None, :2].to(w1.dtype)).sum(-1)  # [Q, out]
+            per_query = torch.cat([-w_xy, w1[:, :, 2:]], dim=2)  # [Q, out, 10] on [p_xy, feats]
+            z = torch.cat([pixel_xy.to(w1.dtype), pixels.to(w1.dtype)], dim=1)  # [P, 10]
+            x = torch.matmul(z[None], per_query.transpose(1, 2)) + const[:, None, :]  # [Q, P, out]
+        x = x.to(queries.dtype)
         for w, b in layers[1:]:
             x = torch.baddbmm(b[:, None, :], F.relu(x), w.transpose(1, 2))  # [Q, P, out]
         return x[..., 0]  # [Q, P]

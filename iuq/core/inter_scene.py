@@ -19,9 +19,11 @@ own negatives also carry gradient into their pixel embeddings (Eq. 5 has no stop
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from iuq.core.losses import elementwise_toward_zero
+from iuq.core.losses import elementwise_toward_zero, upcast
 from iuq.core.memory import PixelMemory
 from iuq.core.sampling import PixelSamples
 
@@ -250,18 +252,26 @@ class _ChunkedInterScene(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=queries.device)
         grad = torch.zeros_like(queries, dtype=acc) if needs_grad else None
         count = torch.zeros((), dtype=acc, device=queries.device)
-        q = queries.detach().requires_grad_(needs_grad)
+        # The inner autograd.grad below is not seen by a GradScaler: under fp16 autocast its
+        # per-pair gradients would underflow unscaled, so the chunks then run in fp32. bf16 has
+        # fp32's range and keeps the autocast.
+        device = queries.device.type
+        fp32_chunks = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        precision = torch.autocast(device, enabled=False) if fp32_chunks else contextlib.nullcontext()
+        q = queries.detach()
+        q = (upcast(q) if fp32_chunks else q).requires_grad_(needs_grad)
         for start in range(0, pixels.shape[0], chunk):
             stop = start + chunk
             valid = (query_ids[:, None] != pixel_ids[None, start:stop]).to(acc)  # [Q, p]
             if weights is not None:
                 valid = valid * weights[:, None].to(acc)
-            with torch.enable_grad():
+            with torch.enable_grad(), precision:
                 xy = pixel_xy[start:stop] if pixel_xy is not None else None
-                logits = decoder(q, pixels[start:stop], xy, query_xy)  # [Q, p]
+                p = upcast(pixels[start:stop]) if fp32_chunks else pixels[start:stop]
+                logits = decoder(q, p, xy, query_xy)  # [Q, p]
                 part = torch.where(valid > 0, valid * elementwise_toward_zero(logits, loss, alpha, gamma), 0).sum()
-            if needs_grad:
-                grad += torch.autograd.grad(part, q)[0]
+                if needs_grad:  # inside `precision`: the backward runs under the autocast state of this call
+                    grad += torch.autograd.grad(part, q)[0]
             total += part.detach().to(acc)
             count += valid.sum()
         n = count.clamp(min=1e-12) if mean else torch.ones((), dtype=acc, device=queries.device)

@@ -3,6 +3,11 @@
 Shapes: Q masks (or queries), P pixels. `*_toward_zero` are the element-wise losses of Eq. 5,
 whose target is the all-zero matrix; the mask losses are those of the base segmenters (Eq. 3),
 reused as L_equi (Eq. 8).
+
+Every loss takes its logits to fp32 first. Under bf16 autocast the logits arrive in bf16, and a
+focal weight (1 - p)^gamma or a dice sum computed in bf16 is coarse: 1 - p rounds to 1 for p below
+about 0.002, and at CondInst's initial p = 0.01 the easy-negative focal loss is off by about a third.
+On fp32 (or fp64) logits the cast is a no-op.
 """
 
 from __future__ import annotations
@@ -12,27 +17,33 @@ import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 when it is a narrower float (bf16, fp16); fp32 and fp64 pass unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def focal_toward_zero(logits: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
     """logits [...] -> per-element focal loss [...] against target 0.
 
     With target 0 focal loss is (1 - alpha) * sigmoid(x)^gamma * softplus(x).
     """
+    logits = upcast(logits)
     return sigmoid_focal_loss(logits, torch.zeros_like(logits), alpha=alpha, gamma=gamma, reduction="none")
 
 
 def bce_toward_zero(logits: torch.Tensor) -> torch.Tensor:
     """logits [...] -> per-element binary cross-entropy against 0, i.e. softplus(x)."""
-    return F.softplus(logits)
+    return F.softplus(upcast(logits))
 
 
 def l1_toward_zero(logits: torch.Tensor) -> torch.Tensor:
     """logits [...] -> |sigmoid(x) - 0|."""
-    return logits.sigmoid()
+    return upcast(logits).sigmoid()
 
 
 def l2_toward_zero(logits: torch.Tensor) -> torch.Tensor:
     """logits [...] -> (sigmoid(x) - 0)^2."""
-    return logits.sigmoid().square()
+    return upcast(logits).sigmoid().square()
 
 
 def elementwise_toward_zero(logits: torch.Tensor, loss: str, alpha: float = 0.1, gamma: float = 2.5) -> torch.Tensor:
@@ -67,7 +78,7 @@ def dice_loss(
     """
     if form not in DICE_FORMS:
         raise ValueError(f"unknown dice form {form!r}; use one of {DICE_FORMS}")
-    probs = logits.sigmoid().flatten(1)  # [Q, P]
+    probs = upcast(logits).sigmoid().flatten(1)  # [Q, P]
     targets = targets.flatten(1).to(probs.dtype)
     intersection = 2 * (probs * targets).sum(-1)  # [Q]
     if form == "squared":
@@ -79,7 +90,8 @@ def dice_loss(
 
 def bce_mask_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
     """logits [Q, P], targets [Q, P] -> scalar: per-mask mean BCE, summed, / num_masks."""
-    loss = F.binary_cross_entropy_with_logits(logits.flatten(1), targets.flatten(1).to(logits.dtype), reduction="none")
+    logits = upcast(logits).flatten(1)
+    loss = F.binary_cross_entropy_with_logits(logits, targets.flatten(1).to(logits.dtype), reduction="none")
     return loss.mean(1).sum() / _num(num_masks, logits)
 
 
@@ -92,6 +104,12 @@ def bce_dice_mask_loss(
 ) -> torch.Tensor:
     """Mask2Former's mask loss: 5 * BCE + 5 * dice (its default weights)."""
     return bce_weight * bce_mask_loss(logits, targets, num_masks) + dice_weight * dice_loss(logits, targets, num_masks)
+
+
+def sigmoid_focal(logits: torch.Tensor, targets: torch.Tensor, alpha: float, gamma: float, reduction: str = "sum"):
+    """torchvision's sigmoid focal loss on fp32 logits (the classification losses of the dense models)."""
+    logits = upcast(logits)
+    return sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction=reduction)
 
 
 def _num(num_masks: float | None, logits: torch.Tensor) -> float:

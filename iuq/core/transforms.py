@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from iuq.core.losses import upcast
+
 CROP_MODES = ("stretch", "keep_aspect", "no_resize")
 
 
@@ -87,14 +89,18 @@ class BatchTransform:
                 inside = ((jy >= 0) & (jy < h))[:, None] & ((jx >= 0) & (jx < w))[None, :]  # [h, w]
                 y = x[n][:, jy.clamp(0, h - 1)][:, :, jx.clamp(0, w - 1)] * inside.to(x.device, x.dtype)
             else:
-                s, o = self.scale[i].to(x.dtype), self.offset[i].to(x.dtype)
+                # The grid and the sampling stay in fp32 whatever x's dtype: a bf16 grid puts a
+                # sample up to half a cell off at 256 cells (8 bits of mantissa).
+                src = upcast(x[n : n + 1])
+                s, o = self.scale[i].to(src.dtype), self.offset[i].to(src.dtype)
                 # affine_grid works in [-1, 1] (align_corners=False: -1 and 1 are the outer pixel
                 # edges): src_n = 2 * (s * (out_n + 1) / 2 + o) - 1 = s * out_n + (s + 2 * o - 1).
-                theta = x.new_zeros((1, 2, 3))
+                theta = src.new_zeros((1, 2, 3))
                 theta[0, 0, 0], theta[0, 1, 1] = s[0], s[1]
                 theta[0, :, 2] = s + 2 * o - 1
-                grid = F.affine_grid(theta, [1, *x.shape[1:]], align_corners=False)
-                y = F.grid_sample(x[n : n + 1], grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+                with torch.autocast(x.device.type, enabled=False):
+                    grid = F.affine_grid(theta, [1, *x.shape[1:]], align_corners=False)
+                    y = F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=False)[0].to(x.dtype)
             keep = self._extent_mask(i, h, w, x.device)
             out.append(y if keep is None else y * keep.to(y.dtype))
         return torch.stack(out) if out else x

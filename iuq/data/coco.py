@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
 from iuq.core.views import boxes_from_masks
+from iuq.data.lvis import file_name_from_url
 from iuq.data.rle import rle_counts_problem
 
 log = logging.getLogger(__name__)
@@ -353,6 +354,8 @@ def _read_json(path: Path) -> dict:
 def _check_image_entry(img: dict, image_dir: Path | None, ann_file: Path) -> None:
     if not isinstance(img, dict):
         raise DatasetError(f"{ann_file}: an entry of 'images' is not an object: {img!r}")
+    if "file_name" not in img and file_name_from_url(img):  # LVIS v1: images named by their COCO URL
+        img["file_name"] = file_name_from_url(img)
     for key in ("id", "file_name", "height", "width"):
         if key not in img:
             raise DatasetError(f"{ann_file}: image entry {img.get('id')} is missing key '{key}'")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from iuq.config import ConfigError
 from iuq.data.coco import CocoInstances
+from iuq.data.lvis import repeat_factors, repeated_indices
 from iuq.data.transforms import (
     Compose,
     RandomCrop,
@@ -41,6 +42,11 @@ class StepSampler(Sampler):
     uninterrupted run sees, whatever epoch Lightning believes it is in.
 
     drop_last keeps every rank at the same number of steps (DDP needs it) and every batch full.
+
+    repeat: [size] repeat factor of each image (LVIS repeat-factor sampling, `iuq.data.lvis`): an
+    epoch then holds image i floor(r_i) or ceil(r_i) times (stochastic rounding seeded by (seed,
+    epoch)), shuffled and cut or wrapped to the fixed length round(sum r), so that every epoch has
+    the same number of steps and the step -> (epoch, batch) map stays exact.
     """
 
     def __init__(
@@ -51,10 +57,13 @@ class StepSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
         steps_done: Callable[[], int] = lambda: 0,
+        repeat: torch.Tensor | None = None,
     ):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size, self.steps_done = rank, world_size, steps_done
-        self.per_rank = (size // (world_size * batch_size)) * batch_size
+        self.repeat = repeat
+        self.epoch_size = size if repeat is None else round(float(repeat.double().sum()))
+        self.per_rank = (self.epoch_size // (world_size * batch_size)) * batch_size
         if self.per_rank == 0:
             raise ConfigError(
                 f"{size} training images are fewer than one batch per device "
@@ -71,7 +80,12 @@ class StepSampler(Sampler):
     def epoch_order(self, epoch: int) -> list[int]:
         """This rank's indices of data epoch `epoch`, in order."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        order = torch.randperm(self.size, generator=g)
+        if self.repeat is None:
+            order = torch.randperm(self.size, generator=g)
+        else:
+            drawn = repeated_indices(self.repeat, g)
+            drawn = drawn[torch.randperm(len(drawn), generator=g)]
+            order = drawn.repeat(math.ceil(self.epoch_size / max(len(drawn), 1)))[: self.epoch_size]
         return order[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].tolist()
 
     def __iter__(self):
@@ -134,11 +148,27 @@ def open_split(ann: str, images: str, skip_invalid: bool, keep_empty: bool) -> C
     return CocoInstances(ann, images, skip_invalid=skip_invalid, keep_empty=keep_empty, skip_hint=hint)
 
 
+def train_sampler(
+    dataset: CocoInstances,
+    data_cfg,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    steps_done: Callable[[], int] = lambda: 0,
+) -> StepSampler:
+    """The run's sampler, with repeat-factor sampling under `data.repeat_factor_threshold`."""
+    repeat = None
+    if data_cfg.repeat_factor_threshold is not None:
+        categories = [{a["category_id"] for a in dataset.annotations[i]} for i in dataset.image_ids]
+        repeat = repeat_factors(categories, data_cfg.repeat_factor_threshold)
+    return StepSampler(len(dataset), data_cfg.batch_size, seed, rank, world_size, steps_done, repeat)
+
+
 def train_loader(
     dataset: CocoInstances, data_cfg, seed: int, rank: int, world_size: int, steps_done: Callable[[], int]
 ) -> DataLoader:
     """steps_done: the trainer's count of optimiser steps so far (where the data stream resumes)."""
-    sampler = StepSampler(len(dataset), data_cfg.batch_size, seed, rank, world_size, steps_done)
+    sampler = train_sampler(dataset, data_cfg, seed, rank, world_size, steps_done)
     return DataLoader(
         AugmentedDataset(dataset, train_transform(data_cfg), seed),
         batch_size=data_cfg.batch_size,

@@ -159,8 +159,10 @@ def evaluate(
     backend: str = "faster",
     device: torch.device | str = "cpu",
     max_dets: int = 100,
+    metric: str = "coco",
 ) -> tuple[dict[str, float], list[dict]]:
-    """COCO mask metrics of `trained` on `dataset` (COCO's maxDets = `max_dets`), and the results list."""
+    """COCO (or LVIS, `metric`) mask metrics of `trained` on `dataset` (maxDets = `max_dets`), and
+    the results list."""
     if len(dataset.category_ids) != len(trained.label_to_category) or sorted(dataset.category_ids) != sorted(
         trained.label_to_category
     ):
@@ -168,7 +170,7 @@ def evaluate(
             f"{dataset.ann_file}: its categories {dataset.category_ids} differ from the model's "
             f"{trained.label_to_category}; evaluate on data with the training categories"
         )
-    evaluator = CocoMaskEvaluator(dataset.ann_file, trained.label_to_category, backend=backend, max_dets=max_dets)
+    evaluator = CocoMaskEvaluator(dataset.ann_file, trained.label_to_category, backend, max_dets, metric)
     for batch in test_loader(dataset, trained.short_side, trained.max_size, batch_size, num_workers):
         evaluator.process([t["image_id"] for t in batch["targets"]], predict(trained, batch, device))
     return evaluator.evaluate(), evaluator.results

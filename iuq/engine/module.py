@@ -14,10 +14,11 @@ import math
 import lightning as L
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from iuq.config import ConfigError, RunConfig, from_dict
 from iuq.core.criterion import IUQCriterion
-from iuq.engine.step import NonFiniteLossError, training_step
+from iuq.engine.step import check_finite, training_step
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results
 from iuq.models.build import build_model
 from iuq.models.interface import batch_instances
@@ -67,6 +68,11 @@ class IUQModule(L.LightningModule):
             self.criterion = IUQCriterion(
                 iuq, m.decoder, m.pixel_dim, m.mask_loss, m.mask_loss_weight, mask_upsample=m.equi_upsample
             )
+            # The memory (100 MB-1 GB) is kept equal on all ranks by its own all-gather, the running
+            # mean by its all-reduce: DDP must not re-broadcast them from rank 0 before every forward.
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self, [f"criterion.{name}" for name, _ in self.criterion.named_buffers()]
+            )
         self.label_to_category = list(label_to_category)
         self.class_names = list(class_names)
         self.evaluator: CocoMaskEvaluator | None = None  # set by the trainer when there is a val split
@@ -97,13 +103,12 @@ class IUQModule(L.LightningModule):
             diagnose=every > 0 and self.global_step % every == 0,
             step=self.global_step,
         )
-        for name, value in [*result.terms.items(), ("loss", result.loss)]:  # name the term before the sum
-            if not torch.isfinite(value.detach()).all():
-                raise NonFiniteLossError(
-                    f"step {self.global_step}: loss term '{name}' is {value.item()}; stopping. "
-                    "The last good checkpoint is checkpoints/last.ckpt in the run directory; lower "
-                    "train.lr or raise train.warmup_steps before resuming."
-                )
+        check_finite(  # the terms before their sum, so the message names the term
+            {**result.terms, "loss": result.loss},
+            self.global_step,
+            "The last good checkpoint is checkpoints/last.ckpt in the run directory; lower "
+            "train.lr or raise train.warmup_steps before resuming.",
+        )
         b = len(targets)
         self.log("train/loss", result.loss.detach(), prog_bar=True, batch_size=b)
         for name, value in result.terms.items():  # every term, auxiliary layers' included
@@ -171,7 +176,7 @@ def evaluate_across_ranks(evaluator: CocoMaskEvaluator) -> dict[str, float]:
         dist.all_gather_object(shards, evaluator.results)
         results = [r for shard in shards for r in shard]
         metrics = [
-            evaluate_results(evaluator.coco_gt, results, evaluator.backend, evaluator.max_dets)
+            evaluate_results(evaluator.coco_gt, results, evaluator.backend, evaluator.max_dets, evaluator.metric)
             if dist.get_rank() == 0
             else None
         ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from iuq.core.config import IUQConfig
 from iuq.core.criterion import IUQCriterion
@@ -24,7 +25,32 @@ from iuq.models.interface import matched
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; the message names the step and the term."""
+    """A loss term became NaN or infinite; the message names the step, the term and the rank."""
+
+
+def check_finite(terms: dict[str, torch.Tensor], step: int, advice: str = "") -> None:
+    """Raise `NonFiniteLossError` on every rank when any term is NaN or infinite on any rank.
+
+    Under torch.distributed the terms of all ranks are gathered first, so all ranks stop at the same
+    step with the same message; a rank that stopped alone would leave the others waiting in their
+    next collective until the timeout.
+    """
+    names = list(terms)
+    values = torch.stack([terms[n].detach().float().reshape(()) for n in names])  # [T]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shards = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+        dist.all_gather(shards, values.contiguous())
+        table = torch.stack(shards)  # [ranks, T]
+    else:
+        table = values[None]
+    bad = ~torch.isfinite(table)
+    if not bool(bad.any()):
+        return
+    rank, t = (int(i) for i in bad.nonzero()[0])
+    where = f" on rank {rank}" if table.shape[0] > 1 else ""
+    raise NonFiniteLossError(
+        f"step {step}: loss term '{names[t]}' is {float(table[rank, t])}{where}; stopping. {advice}".rstrip()
+    )
 
 
 @dataclass

@@ -26,7 +26,7 @@ from iuq.data.holdout import HoldoutConfig, write_holdout
 from iuq.data.paste import PasteConfig, generate_paste
 from iuq.data.synthetic import SynthConfig, generate
 from iuq.engine.console import ProgressPrinter, StepTimer, run_summary, silence_third_party_noise
-from iuq.engine.data import open_split, test_loader, train_loader
+from iuq.engine.data import open_split, test_loader, train_loader, train_sampler
 from iuq.engine.inference import TrainedModel, evaluate, predict, save_model_dir
 from iuq.engine.interrupt import GracefulStop
 from iuq.engine.module import IUQModule
@@ -192,18 +192,21 @@ def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks:
     silence_third_party_noise()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.tf32 and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls and convolutions on Ampere and later
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     prepare_data(cfg)
     train_set, val_set = open_data(cfg)
     module = IUQModule(cfg.to_dict(), train_set.category_ids, train_set.class_names)
     if val_set is not None:
         module.evaluator = CocoMaskEvaluator(
-            val_set.ann_file, train_set.category_ids, cfg.eval.backend, cfg.eval.max_dets
+            val_set.ann_file, train_set.category_ids, cfg.eval.backend, cfg.eval.max_dets, cfg.eval.metric
         )
     resume_step = checkpoint_step(last) if resume else None
     timer = StepTimer()
     trainer = build_trainer(cfg, out, val_set is not None, [timer, stop, *(callbacks or [])], resume_step)
-    steps_per_epoch = len(train_set) // (cfg.data.batch_size * trainer.world_size)  # drop_last batches
+    epoch_size = train_sampler(train_set, cfg.data, cfg.train.seed).epoch_size  # > len under repeat factors
+    steps_per_epoch = epoch_size // (cfg.data.batch_size * trainer.world_size)  # drop_last batches
     if steps_per_epoch == 0:
         raise ConfigError(
             f"data.batch_size: {len(train_set)} training images are fewer than one batch of "
@@ -227,14 +230,18 @@ def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks:
         return None
     with open(out / "timing.json", "w") as f:  # read by `iuq ablate`; s/step of this process's steps
         json.dump({"timed_steps": timer.timed_steps, "s_per_step": timer.seconds_per_step}, f)
-    return finish(cfg, module, val_set, out)
+    # Lightning's teardown has moved the model back to the CPU; evaluate where it trained.
+    return finish(cfg, module, val_set, out, trainer.strategy.root_device)
 
 
-def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out: Path) -> dict[str, float] | None:
-    """Export the model, score it on the val split and draw a few predictions (rank 0)."""
+def finish(
+    cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out: Path, device: torch.device | None = None
+) -> dict[str, float] | None:
+    """Export the model, score it on the val split and draw a few predictions (rank 0), on `device`
+    (default: where the model's weights are)."""
     d = cfg.data
-    adapter = module.model.eval()
-    device = next(adapter.parameters()).device  # evaluate where it trained (the GPU on GPU runs)
+    device = device if device is not None else next(module.model.parameters()).device
+    adapter = module.model.to(device).eval()
     save_model_dir(adapter, out / "model", module.label_to_category, module.class_names, d.test_short_side, d.max_size)
     print(f"model written to {out / 'model'} ({model_spec(cfg.model).export_note})")
     if val_set is None:
@@ -243,7 +250,13 @@ def finish(cfg: RunConfig, module: IUQModule, val_set: CocoInstances | None, out
         adapter, module.label_to_category, module.class_names, d.test_short_side, d.max_size, cfg.eval.detections
     )
     metrics, _ = evaluate(
-        trained, val_set, cfg.eval.batch_size, backend=cfg.eval.backend, device=device, max_dets=cfg.eval.max_dets
+        trained,
+        val_set,
+        cfg.eval.batch_size,
+        backend=cfg.eval.backend,
+        device=device,
+        max_dets=cfg.eval.max_dets,
+        metric=cfg.eval.metric,
     )
     write_metrics(metrics, out / "metrics.json")
     draw_predictions(trained, val_set, out / "predictions", cfg.eval.num_vis, cfg.eval.vis_threshold, device)

@@ -1,8 +1,15 @@
-"""COCO mask AP as reset / process / evaluate.
+"""COCO (or LVIS) mask AP as reset / process / evaluate.
 
 Predictions become COCO results (compressed RLE, pycocotools' encoder); scoring is COCOeval from
 faster-coco-eval, whose numbers agree with pycocotools' reference implementation (tested to 1e-4)
 at a fraction of the time. `backend="pycocotools"` runs the reference itself.
+
+`metric="lvis"` scores LVIS v1's federated annotations with faster-coco-eval's `lvis_style`: a
+detection of a class neither annotated nor listed in the image's `neg_category_ids` is dropped, an
+unmatched detection of a class in `not_exhaustive_category_ids` is not a false positive, at most
+`max_dets` (300 in LVIS) detections per image count, and AP_r / AP_c / AP_f average over the rare,
+common and frequent categories (`frequency` "r", "c", "f"). The `lvis` package itself is not used:
+it breaks on numpy >= 1.24.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from iuq.data.rle import rle_counts_problem
 from iuq.models.paste import mask_chunks
 
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+LVIS_KEYS = (*METRIC_KEYS, "APr", "APc", "APf")
+METRICS = ("coco", "lvis")
 
 
 class ResultsError(ValueError):
@@ -108,16 +117,23 @@ def load_gt(gt: str | os.PathLike | dict, backend: str = "faster"):
         return COCO(str(gt))
 
 
-def evaluate_results(gt, results: list[dict], backend: str = "faster", max_dets: int = 100) -> dict[str, float]:
-    """COCO segm metrics of `results` against `gt` (path, dict or COCO object).
+def evaluate_results(
+    gt, results: list[dict], backend: str = "faster", max_dets: int = 100, metric: str = "coco"
+) -> dict[str, float]:
+    """COCO (or LVIS) segm metrics of `results` against `gt` (path, dict or COCO object).
 
     max_dets: COCO's maxDets, the detections per image that count (highest scores first); crowded
-        images with more instances than this cannot reach full recall.
-    Returns AP, AP50, AP75, APs, APm, APl on the 0-100 scale; COCO's -1 ("no ground truth in this
-    area range") is kept as -1.0.
+        images with more instances than this cannot reach full recall. Under "lvis" it is also the
+        cap on an image's detections over all classes (LVIS: 300).
+    Returns AP, AP50, AP75, APs, APm, APl on the 0-100 scale, plus APr, APc, APf for "lvis"; COCO's
+    -1 ("no ground truth in this area range" or, for APr, no rare class) is kept as -1.0.
     """
     if max_dets < 1:
         raise ValueError(f"eval.max_dets: must be >= 1, got {max_dets}")
+    if metric not in METRICS:
+        raise ValueError(f"eval.metric: {metric!r} is not one of {METRICS}")
+    if metric == "lvis" and backend != "faster":
+        raise ValueError("eval.metric lvis: needs eval.backend faster (faster-coco-eval's lvis_style)")
     coco_gt = gt if hasattr(gt, "getImgIds") else load_gt(gt, backend)
     known = set(coco_gt.getImgIds())
     unknown = sorted({r["image_id"] for r in results} - known)
@@ -135,6 +151,8 @@ def evaluate_results(gt, results: list[dict], backend: str = "faster", max_dets:
                 f"image's {[info['height'], info['width']]}"
             )
     results = copy.deepcopy(results)  # both loadRes implementations add keys to the entries in place
+    if metric == "lvis":
+        return _lvis(coco_gt, top_per_image(results, max_dets), max_dets)
     with contextlib.redirect_stdout(io.StringIO()):
         if backend == "faster":
             from faster_coco_eval import COCOeval_faster as COCOeval
@@ -152,6 +170,37 @@ def evaluate_results(gt, results: list[dict], backend: str = "faster", max_dets:
         ev.evaluate()
         ev.accumulate()
     return summarize_precision(ev.eval["precision"], ev.params.iouThrs)
+
+
+def top_per_image(results: list[dict], k: int) -> list[dict]:
+    """The k highest-scoring results of each image (LVIS counts at most k per image, all classes)."""
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    return [r for rs in by_image.values() for r in sorted(rs, key=lambda r: -r["score"])[:k]]
+
+
+def _lvis(coco_gt, results: list[dict], max_dets: int) -> dict[str, float]:
+    from faster_coco_eval import COCOeval_faster
+
+    missing = [c["id"] for c in coco_gt.dataset["categories"] if c.get("frequency") not in ("r", "c", "f")]
+    if missing:
+        raise ResultsError(
+            f"eval.metric lvis: categories {missing[:10]} have no 'frequency' ('r', 'c' or 'f'); "
+            "is the ground truth an LVIS v1 file?"
+        )
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval_faster(coco_gt, coco_dt, "segm", lvis_style=True)
+        ev.params.maxDets = [max_dets]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    metrics = summarize_precision(ev.eval["precision"], ev.params.iouThrs)
+    stats = ev.stats_as_dict
+    for key in ("APr", "APc", "APf"):
+        metrics[key] = float(stats[key]) * 100.0 if stats[key] > -1 else -1.0
+    return metrics
 
 
 def summarize_precision(precision: np.ndarray, iou_thresholds: np.ndarray) -> dict[str, float]:
@@ -179,15 +228,17 @@ def summarize_precision(precision: np.ndarray, iou_thresholds: np.ndarray) -> di
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    head = " | ".join(f"{k:>6}" for k in METRIC_KEYS)
-    row = " | ".join(f"{metrics[k]:6.2f}" for k in METRIC_KEYS)
-    return f"COCO mask AP\n{head}\n{row}"
+    keys = LVIS_KEYS if "APr" in metrics else METRIC_KEYS
+    head = " | ".join(f"{k:>6}" for k in keys)
+    row = " | ".join(f"{metrics[k]:6.2f}" for k in keys)
+    return f"{'LVIS' if 'APr' in metrics else 'COCO'} mask AP\n{head}\n{row}"
 
 
 def write_metrics(metrics: dict[str, float], path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    keys = LVIS_KEYS if "APr" in metrics else METRIC_KEYS
     with open(path, "w") as f:
-        json.dump({k: metrics[k] for k in METRIC_KEYS}, f, indent=2)
+        json.dump({k: metrics[k] for k in keys}, f, indent=2)
 
 
 class CocoMaskEvaluator:
@@ -197,14 +248,18 @@ class CocoMaskEvaluator:
         gt: ground truth (instances JSON path or loaded dict).
         label_to_category: COCO category id of each contiguous label the model predicts.
         backend: "faster" (faster-coco-eval, default) or "pycocotools".
-        max_dets: COCO's maxDets (100 unless images hold more instances).
+        max_dets: COCO's maxDets (100 unless images hold more instances; 300 for LVIS).
+        metric: "coco" or "lvis" (`evaluate_results`).
     """
 
-    def __init__(self, gt, label_to_category: list[int], backend: str = "faster", max_dets: int = 100):
+    def __init__(
+        self, gt, label_to_category: list[int], backend: str = "faster", max_dets: int = 100, metric: str = "coco"
+    ):
         self.coco_gt = load_gt(gt, backend)
         self.label_to_category = torch.as_tensor(label_to_category, dtype=torch.int64)
         self.backend = backend
         self.max_dets = max_dets
+        self.metric = metric
         self.reset()
 
     def reset(self) -> None:
@@ -226,4 +281,4 @@ class CocoMaskEvaluator:
         return self._results
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate_results(self.coco_gt, self._results, self.backend, self.max_dets)
+        return evaluate_results(self.coco_gt, self._results, self.backend, self.max_dets, self.metric)

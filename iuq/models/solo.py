@@ -25,10 +25,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import sigmoid_focal_loss
 
 from iuq.core.decoders import DotProductDecoder
-from iuq.core.losses import dice_loss
+from iuq.core.losses import dice_loss, sigmoid_focal
 from iuq.core.sampling import downsample_masks
 from iuq.models.dense import Assignment, DenseSegmenter, conv_norm_relu
 from iuq.models.fcos import mask_centres
@@ -245,9 +244,7 @@ class SOLOFamily(DenseSegmenter):
         onehot = torch.zeros_like(logits)
         onehot[pos, labels[pos]] = 1
         num_pos = int(pos.sum())
-        loss_cate = sigmoid_focal_loss(
-            logits, onehot, alpha=self.cfg.focal_alpha, gamma=self.cfg.focal_gamma, reduction="sum"
-        ) / (num_pos + 1)
+        loss_cate = sigmoid_focal(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma) / (num_pos + 1)
         mask_feats = heads["mask_feats"]
         total = mask_feats.sum() * 0 + sum(q.sum() * 0 for q in queries)
         count = 0

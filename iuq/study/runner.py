@@ -43,9 +43,16 @@ def run_overrides(arm: Arm, seed: int, user_sets: list[str]) -> list[str]:
     return [*user_sets, *(f"{k}={_value(v)}" for k, v in arm.overrides.items()), f"train.seed={seed}"]
 
 
-# Config keys added after studies were first fingerprinted. At their default (None: unused) they do
-# not change a run, so they stay out of the hash and a study begun before they existed resumes.
-LATER_KEYS = (("data", "paste"), ("data", "holdout"))
+# Config keys added after studies were first fingerprinted, with the default at which they do not
+# change a run: there they stay out of the hash, so a study begun before they existed resumes.
+LATER_KEYS = (
+    ("data", "paste", None),
+    ("data", "holdout", None),
+    ("iuq", "memory_dtype", "float32"),
+    ("train", "tf32", True),
+    ("eval", "metric", "coco"),
+    ("data", "repeat_factor_threshold", None),
+)
 # The head sections of model types added later: they do not change a run of another model type.
 LATER_MODEL_SECTIONS = ("sotr",)
 
@@ -54,8 +61,8 @@ def fingerprint(config: Path, sets: list[str]) -> str:
     """Hash of the resolved config without its output folder."""
     resolved = load_config(config, sets).to_dict()
     resolved.pop("out", None)
-    for section, key in LATER_KEYS:
-        if resolved.get(section, {}).get(key, 0) is None:
+    for section, key, default in LATER_KEYS:
+        if key in resolved.get(section, {}) and resolved[section][key] == default:
             del resolved[section][key]
     for name in LATER_MODEL_SECTIONS:
         if resolved["model"]["type"] != name:

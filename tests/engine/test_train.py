@@ -172,6 +172,35 @@ def test_config_errors_name_the_key(tmp_path):
     assert cfg.data.train_short_side == [96, 160] and cfg.train.max_steps == 7 and cfg.train.devices == 2
 
 
+def test_precision_and_deterministic_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"train\.precision: 'bf16' is not one of"):
+        load_config(None, ["train.precision=bf16"])
+    with pytest.raises(ConfigError, match=r"train\.deterministic: 'sometimes'"):
+        load_config(None, ["train.deterministic=sometimes"])
+    cfg = load_config(None, ["train.deterministic=warn", "train.precision=16-mixed", "iuq.memory_dtype=bfloat16"])
+    assert cfg.train.deterministic == "warn" and cfg.train.precision == "16-mixed"
+    assert load_config(None, ["train.deterministic=true"]).train.deterministic is True
+
+
+def test_bf16_mixed_run_on_the_cpu_matches_fp32_at_the_first_step(tiny_data, tmp_path):
+    """Lightning's bf16-mixed (CPU autocast): a Mask2Former run with IUQ trains, evaluates and exports,
+    and its first step's terms are those of the fp32 run to within bf16's matrix products."""
+    first = {}
+    for precision in ("32-true", "bf16-mixed"):
+        out = tmp_path / precision
+        extra = {"train.precision": precision, "train.max_epochs": 1, "eval.num_vis": 0}
+        metrics = train(load_config(None, tiny_overrides(tiny_data, out, **extra)))
+        assert 0 <= metrics["AP"] <= 100
+        with open(out / "logs" / "metrics.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+        first[precision] = {k: float(v) for k, v in rows[0].items() if k.startswith("train/loss") and v}
+        assert (out / "model" / "config.json").is_file()
+    assert set(first["32-true"]) == set(first["bf16-mixed"]) >= {"train/loss_inter", "train/loss_equi"}
+    for name, value in first["32-true"].items():
+        assert first["bf16-mixed"][name] == pytest.approx(value, rel=0.05, abs=1e-3), name
+    assert first["bf16-mixed"] != first["32-true"]  # autocast was in effect
+
+
 def test_shipped_configs_validate():
     from tests.conftest import ROOT
 
@@ -206,6 +235,9 @@ def test_shipped_configs_validate():
             coco = load_config(ROOT / "configs" / f"{kind}_coco_r50_1x.yaml")
             assert coco.data.batch_size * 8 == 16 and coco.train.max_epochs == 12
         assert coco.model.backbone == "resnet50" and coco.train.optimizer == "sgd" and coco.train.lr == 0.01
+    lvis = load_config(ROOT / "configs" / "solov2_lvis_r50_1x.yaml")
+    assert (lvis.eval.metric, lvis.eval.max_dets, lvis.data.repeat_factor_threshold) == ("lvis", 300, 0.001)
+    assert lvis.model.type == "solov2" and lvis.train.max_epochs == 12 and lvis.data.batch_size * 8 == 16
 
 
 def test_fixed_size_crops_and_their_range_check():
