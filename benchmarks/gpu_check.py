@@ -1,0 +1,277 @@
+"""The GPU readiness check: smoke runs of every model type, IUQ step overhead, L_inter vs its roofline.
+
+    python benchmarks/gpu_check.py --out gpu_check_out                 # on a GPU: the paper's sizes
+    python benchmarks/gpu_check.py --device cpu --out /tmp/gc          # the same logic, tiny sizes
+
+Each part runs in its own process under its own time cap (a failing part does not stop the next)
+and writes OUT/<part>.json; the last part writes OUT/summary.md, also printed:
+- smoke: `iuq train` of every model type with and without IUQ for 2 steps under bf16-mixed (CUDA)
+  or fp32 (CPU) from random init, then the final evaluation and export, then `iuq eval RUN_DIR`'s
+  path on the exported model, which must reproduce the run's AP.
+- overhead: IUQ/baseline step time at equal views (benchmarks/train_step.py's protocol: same model and
+  batch, arms alternating step by step, the baseline trains the g-views as extra samples), with a
+  full memory of each size, and the peak GPU memory of each arm: Mask2Former and CondInst with a
+  ResNet-50-sized backbone at 800 px, batch 8 x 2 views, bf16 autocast.
+- kernel: L_inter's forward with its query gradient (the chunked pass) at M = 100k and 1M memory
+  pixels, Q = 200 queries, D = 256, bf16, against its roofline max(4 Q M D / peak bf16 FLOP/s,
+  one read of the memory / bandwidth); peaks default to one H200 (989 TFLOP/s dense bf16, 4.8 TB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIGS = {"mask2former": "demo", "condinst": "condinst_demo", "solov2": "solov2_demo", "sotr": "sotr_demo"}
+PARTS = ("smoke", "overhead", "kernel")
+
+
+def sizes(args) -> dict:
+    """The paper's sizes on a GPU; tiny ones on the CPU, to check the logic in a test."""
+    if args.device == "cuda":
+        return {"size": 800, "images": 8, "memories": [100_000, 1_000_000], "steps": 5, "warmup": 2,
+                "kernel_memories": [100_000, 1_000_000], "queries": 200, "dim": 256, "repeats": 10}  # fmt: skip
+    return {"size": 64, "images": 2, "memories": [500, 2_000], "steps": 1, "warmup": 1,
+            "kernel_memories": [20_000, 50_000], "queries": 20, "dim": 32, "repeats": 2}  # fmt: skip
+
+
+# -- smoke ----------------------------------------------------------------------------------------
+def smoke(args) -> list[dict]:
+    from iuq.config import load_config
+    from iuq.engine.inference import evaluate, load_trained
+    from iuq.engine.train import open_data, train
+
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="gc_smoke_"))
+    gpu = args.device == "cuda"
+    for kind in args.models:
+        for arm in ("iuq", "baseline"):
+            name = DEMO_CONFIGS[kind] + ("_baseline" if arm == "baseline" else "")
+            sets = [
+                f"out={work / name}", f"data.train_ann={work}/data/annotations/instances_train.json",
+                f"data.train_images={work}/data/train", f"data.val_ann={work}/data/annotations/instances_val.json",
+                f"data.val_images={work}/data/val", f"data.synthetic.dir={work}/data", "data.synthetic.images=20",
+                "data.batch_size=4", "data.num_workers=0", "model.backbone_weights=none", "train.max_steps=2",
+                "train.max_epochs=null", "train.eval_every_epochs=0", "train.log_every_steps=1",
+                f"train.precision={'bf16-mixed' if gpu else '32-true'}", f"train.accelerator={'gpu' if gpu else 'cpu'}",
+                "train.devices=1", "train.strategy=auto", "eval.num_vis=1",
+            ]  # fmt: skip
+            row = {"model": kind, "arm": arm, "ok": False}
+            t0 = time.perf_counter()
+            try:
+                cfg = load_config(ROOT / "configs" / f"{name}.yaml", sets)
+                metrics = train(cfg)
+                trained = load_trained(work / name / "model")
+                _, val = open_data(cfg)
+                again, _ = evaluate(trained, val, device=args.device, max_dets=cfg.eval.max_dets)
+                row.update(AP=round(metrics["AP"], 3), eval_AP=round(again["AP"], 3))
+                row["ok"] = abs(metrics["AP"] - again["AP"]) < 1e-6 and all(
+                    (work / name / f).exists() for f in ("model", "checkpoints/last.ckpt", "metrics.json")
+                )
+            except Exception as err:  # a part reports every failure instead of stopping at the first
+                row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+# -- overhead -------------------------------------------------------------------------------------
+def overhead_model(kind: str, device: str):
+    from iuq.models.config import ModelConfig
+
+    if device != "cuda":  # small random-init ResNets, the logic only
+        if kind == "mask2former":
+            return ModelConfig(backbone="resnet", backbone_widths=[8, 16, 16, 16], num_queries=10, hidden_dim=32,
+                               mask_feature_size=32, encoder_layers=1, decoder_layers=2, heads=2, ffn_dim=32,
+                               train_num_points=64, num_labels=4)  # fmt: skip
+        return ModelConfig(type="condinst", backbone="resnet", backbone_widths=[8, 16, 16, 16],
+                           backbone_weights="none", num_labels=4)  # fmt: skip
+    if kind == "mask2former":  # configs/coco_r50_12ep.yaml's head on a ResNet-50-shaped HF backbone
+        return ModelConfig(backbone="resnet", resnet_layer_type="bottleneck", backbone_widths=[256, 512, 1024, 2048],
+                           backbone_depths=[3, 4, 6, 3], freeze_bn=True, num_queries=100, hidden_dim=256,
+                           mask_feature_size=256, encoder_layers=6, decoder_layers=9, heads=8, ffn_dim=1024,
+                           train_num_points=12544, num_labels=4)  # fmt: skip
+    # configs/condinst_coco_r50_1x.yaml: torchvision ResNet-50 (random init) and AdelaiDet's head
+    return ModelConfig(type="condinst", backbone="resnet50", backbone_weights="none", freeze_bn=True, num_labels=4)
+
+
+def overhead(args) -> list[dict]:
+    from iuq.core.config import IUQConfig
+    from iuq.core.criterion import IUQCriterion
+    from iuq.data.coco import CocoInstances
+    from iuq.data.synthetic import SynthConfig, generate
+    from iuq.data.transforms import collate
+    from iuq.engine.step import training_step
+    from iuq.models.build import build_model
+
+    s, dev = sizes(args), torch.device(args.device)
+    cuda = dev.type == "cuda"
+    root = Path(tempfile.mkdtemp(prefix="gc_overhead_"))
+    generate(root, SynthConfig(images=s["images"] + 2, size=s["size"], seed=0, val_fraction=2 / (s["images"] + 2)))
+    ds = CocoInstances(root / "annotations" / "instances_train.json", root / "train")
+    batch = collate([ds[i] for i in range(s["images"])])
+    images, mask = batch["images"].to(dev), batch["pixel_mask"].to(dev)
+    targets = [{**t, "masks": t["masks"].to(dev), "labels": t["labels"].to(dev)} for t in batch["targets"]]
+    ids = torch.tensor([t["image_id"] for t in targets], device=dev)
+    rows = []
+    for kind in ("mask2former", "condinst"):
+        arms = {"baseline": IUQConfig(inter=False, equi=True, equi_variant="augmentation")}
+        for m in s["memories"]:
+            arms[f"iuq M={m}"] = IUQConfig(memory_capacity=m, memory_dtype="bfloat16" if cuda else "float32")
+        built = {}
+        for name, cfg in arms.items():
+            torch.manual_seed(0)
+            model = build_model(overhead_model(kind, args.device), load_weights=False).to(dev)
+            crit = IUQCriterion(
+                cfg, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight, model.equi_upsample
+            ).to(dev)
+            if crit.memory is not None:  # a full memory, as in steady-state training
+                crit.memory.embeddings.normal_()
+                crit.memory.xy.uniform_()
+                crit.memory.image_ids.fill_(10**9)
+                crit.memory.count.fill_(crit.memory.capacity)
+            params = [p for p in model.parameters() if p.requires_grad]
+            built[name] = (model, crit, torch.optim.AdamW(params, lr=1e-4), [], [0])
+        for step in range(s["warmup"] + s["steps"]):
+            for _name, (model, crit, opt, times, peak) in built.items():  # alternating: noise hits both alike
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                    res = training_step(model, crit, images, mask, targets, ids, torch.Generator().manual_seed(step))
+                opt.zero_grad(set_to_none=True)
+                res.loss.backward()
+                opt.step()
+                crit.update_memory(res.samples)
+                if cuda:
+                    torch.cuda.synchronize()
+                    peak[0] = max(peak[0], torch.cuda.max_memory_allocated())
+                if step >= s["warmup"]:
+                    times.append(time.perf_counter() - t0)
+        base = statistics.median(built["baseline"][3])
+        for name, (_, _, _, times, peak) in built.items():
+            med = statistics.median(times)
+            row = {"model": kind, "arm": name, "median_ms": round(med * 1e3, 1), "ratio": round(med / base, 3),
+                   "peak_gib": round(peak[0] / 2**30, 2) if cuda else None, "steps": len(times),
+                   "batch": f"{s['images']} x 2 views, {s['size']} px"}  # fmt: skip
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del built
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+# -- kernel ---------------------------------------------------------------------------------------
+def kernel(args) -> list[dict]:
+    from iuq.core.decoders import DotProductDecoder
+    from iuq.core.inter_scene import inter_scene_loss
+
+    s, dev = sizes(args), torch.device(args.device)
+    cuda = dev.type == "cuda"
+    q_n, d = s["queries"], s["dim"]
+    rows = []
+    for m in s["kernel_memories"]:
+        g = torch.Generator(device=dev).manual_seed(0)
+        dtype = torch.bfloat16 if cuda else torch.float32
+        memory = torch.randn(m, d, device=dev, generator=g).to(dtype)  # a bf16 memory (iuq.memory_dtype)
+        pixel_ids = torch.full((m,), 10**9, device=dev)
+        q = (torch.randn(q_n, d, device=dev, generator=g) * 0.05).requires_grad_()
+        q_ids = torch.arange(q_n, device=dev) // 4
+        times = []
+        for i in range(s["repeats"] + 1):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = inter_scene_loss(q, q_ids, memory, pixel_ids, DotProductDecoder(), chunk_size=args.chunk_size)
+            (grad,) = torch.autograd.grad(loss, q)
+            if cuda:
+                torch.cuda.synchronize()
+            if i > 0:
+                times.append(time.perf_counter() - t0)
+        measured = statistics.median(times)
+        flops = 4 * q_n * m * d  # forward logits 2QMD + the queries' gradient 2QMD
+        read = m * d * memory.element_size()
+        roofline = max(flops / (args.peak_tflops * 1e12), read / (args.bandwidth_tbs * 1e12)) if cuda else None
+        row = {"M": m, "Q": q_n, "D": d, "chunk": args.chunk_size, "median_ms": round(measured * 1e3, 3),
+               "roofline_ms": round(roofline * 1e3, 4) if roofline else None,
+               "x_roofline": round(measured / roofline, 2) if roofline else None,
+               "finite": bool(torch.isfinite(loss).item() and torch.isfinite(grad).all().item())}  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def summary(out: Path, device: str) -> str:
+    lines = [f"# gpu_check ({device}; {torch.cuda.get_device_name() if device == 'cuda' else 'CPU, tiny sizes'})", ""]
+    parts = {p: json.loads((out / f"{p}.json").read_text()) if (out / f"{p}.json").is_file() else None for p in PARTS}
+    lines += ["## smoke: train 2 steps, evaluate, export, `iuq eval` on the export", "",
+              "| model | arm | ok | AP | AP by iuq eval | s | error |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in parts["smoke"] or []:
+        lines.append(f"| {r['model']} | {r['arm']} | {'yes' if r['ok'] else 'NO'} | {r.get('AP', '')} | "
+                     f"{r.get('eval_AP', '')} | {r['seconds']} | {r.get('error', '')} |")  # fmt: skip
+    lines += ["", "## overhead: IUQ/baseline step time at equal views", "",
+              "| model | arm | batch | median ms | ratio | peak GiB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in parts["overhead"] or []:
+        lines.append(f"| {r['model']} | {r['arm']} | {r['batch']} | {r['median_ms']} | {r['ratio']} | "
+                     f"{r['peak_gib'] if r['peak_gib'] is not None else 'n/a'} |")  # fmt: skip
+    lines += ["", "## kernel: L_inter forward + query gradient vs roofline", "",
+              "| M | Q | D | median ms | roofline ms | x roofline | finite |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in parts["kernel"] or []:
+        lines.append(f"| {r['M']} | {r['Q']} | {r['D']} | {r['median_ms']} | {r['roofline_ms'] or 'n/a'} | "
+                     f"{r['x_roofline'] or 'n/a'} | {r['finite']} |")  # fmt: skip
+    missing = [p for p, v in parts.items() if v is None]
+    if missing:
+        lines += ["", f"parts without results (failed or out of time; see log): {', '.join(missing)}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--part", choices=("all", *PARTS), default="all")
+    p.add_argument("--models", nargs="+", default=list(DEMO_CONFIGS), choices=list(DEMO_CONFIGS))
+    p.add_argument("--budget", type=float, default=470.0, help="seconds for all parts together")
+    p.add_argument("--chunk-size", type=int, default=16384)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H200: 989)")
+    p.add_argument("--bandwidth-tbs", type=float, default=4.8, help="memory bandwidth of the GPU (H200: 4.8)")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.part != "all":
+        rows = {"smoke": smoke, "overhead": overhead, "kernel": kernel}[args.part](args)
+        (args.out / f"{args.part}.json").write_text(json.dumps(rows, indent=1))
+        return
+    start = time.perf_counter()
+    shares = {"smoke": 0.4, "overhead": 0.45, "kernel": 0.15}  # of what is left when the part starts
+    for i, part in enumerate(PARTS):
+        left = args.budget - (time.perf_counter() - start)
+        cap = max(10.0, left * shares[part] / sum(shares[q] for q in PARTS[i:]))
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--part", part]  # the last --part wins
+        print(f"=== {part} (cap {cap:.0f} s)", flush=True)
+        try:
+            rc = subprocess.run(cmd, timeout=cap).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        print(f"=== {part}: rc {rc}, {time.perf_counter() - start:.0f} s so far", flush=True)
+    text = summary(args.out, args.device)
+    (args.out / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
