@@ -21,7 +21,10 @@ class IUQConfig:
     sampling: "instance_balanced" (paper), "sparse" or "dense" (Table 4b).
     samples_per_instance: k of instance-balanced sampling (50 in the paper).
     samples_per_image: k of sparse sampling (the paper tries 500 and 1000).
-    chunk_size: pixels per chunk in the memory-efficient L_inter.
+    chunk_size: pixels per chunk in the memory-efficient L_inter (sized for a CPU's caches).
+    cuda_chunk_pairs: on a CUDA device, chunks hold about this many (query, pixel) pairs instead
+        (at least chunk_size pixels): 2^26 pairs is 256 MB per fp32 intermediate, and a 1M memory
+        takes a handful of chunks rather than 62 of 16384 pixels, each a few dozen kernel launches.
     equi: enable the transformed view and L_equi (Eq. 8).
     equi_weight: lambda (3 in the paper, Table 4e).
     equi_variant: "full" (Eq. 8), "feature" (Eq. 6 only), "augmentation" (no term) (Table 4d).
@@ -70,6 +73,7 @@ class IUQConfig:
     samples_per_instance: int = 50
     samples_per_image: int = 1000
     chunk_size: int = 16384
+    cuda_chunk_pairs: int = 2**26
     equi: bool = True
     equi_weight: float = 3.0
     equi_variant: str = "full"
@@ -106,7 +110,7 @@ class IUQConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"iuq.{name}: {getattr(self, name)!r} is not one of {allowed}")
-        for name in ("memory_capacity", "samples_per_instance", "samples_per_image", "chunk_size"):
+        for name in ("memory_capacity", "samples_per_instance", "samples_per_image", "chunk_size", "cuda_chunk_pairs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"iuq.{name}: must be a positive integer, got {value!r}")

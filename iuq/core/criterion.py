@@ -103,6 +103,13 @@ class IUQCriterion(nn.Module):
         self.center.mul_(m).add_(mean.to(self.center.device), alpha=1 - m)
         self.center_count += 1
 
+    def chunk_size(self, device: torch.device, queries: int) -> int:
+        """Pixels per chunk of L_inter: `chunk_size` on a CPU; on CUDA about `cuda_chunk_pairs` pairs."""
+        c = self.cfg
+        if device.type != "cuda":
+            return c.chunk_size
+        return max(c.chunk_size, c.cuda_chunk_pairs // max(queries, 1))
+
     def query_weights(self, query_instances: list[torch.Tensor] | None, count: int) -> list[torch.Tensor] | None:
         """Per view-image, the weight of each query under `query_reduction` (None: all 1)."""
         if self.cfg.query_reduction == "location" or query_instances is None:
@@ -164,7 +171,7 @@ class IUQCriterion(nn.Module):
             loss=c.inter_loss,
             alpha=c.focal_alpha,
             gamma=c.focal_gamma,
-            chunk_size=c.chunk_size,
+            chunk_size=self.chunk_size(q.device, q.shape[0]),
         )
 
     def forward(
@@ -221,7 +228,8 @@ class IUQCriterion(nn.Module):
             if query_xy is not None:
                 q_xy = torch.cat(query_xy[:n_views])
             q_w = torch.cat(weights[:n_views]) if weights is not None else None
-            focal = {"loss": c.inter_loss, "alpha": c.focal_alpha, "gamma": c.focal_gamma, "chunk_size": c.chunk_size}
+            chunk = self.chunk_size(q_all.device, q_all.shape[0])
+            focal = {"loss": c.inter_loss, "alpha": c.focal_alpha, "gamma": c.focal_gamma, "chunk_size": chunk}
             if c.inter_batch_grad:
                 memory = self.memory.contents() if (c.inter_mode == "memory" and self.memory is not None) else None
                 batch = self.centred(samples)

@@ -53,57 +53,73 @@ class BatchTransform:
         extent = other.extent if other.extent is not None else self.extent
         return BatchTransform(self.scale * other.scale, self.scale * other.offset + self.offset, extent)
 
+    def _host(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """scale, offset, extent on the CPU (where G is drawn; a no-op there): a GPU run reads them
+        back once per call, not once per image."""
+        return self.scale.cpu(), self.offset.cpu(), self.extent.cpu() if self.extent is not None else None
+
     def _source_indices(self, i: int, n: int, axis: int) -> torch.Tensor | None:
         """Integer source index of each of the n output cells along `axis`, or None when the map
         is not an integer shift (or flip) at this resolution."""
-        s, o = float(self.scale[i, axis]), float(self.offset[i, axis])
+        scale, offset, _ = self._host()
+        s, o = float(scale[i, axis]), float(offset[i, axis])
         shift = o * n
         if abs(abs(s) - 1) > 1e-6 or abs(shift - round(shift)) > 1e-4:
             return None
         # source index j of output i: (j + 0.5) / n = s * (i + 0.5) / n + o
         return round(s) * torch.arange(n) + round(shift) + (round(s) - 1) // 2
 
-    def _extent_mask(self, i: int, h: int, w: int, device) -> torch.Tensor | None:
-        """[h, w] bool: output cells whose centre lies inside the extent (None: no extent)."""
-        if self.extent is None:
+    def _extent_masks(self, rows: torch.Tensor, h: int, w: int, device) -> torch.Tensor | None:
+        """[N, h, w] bool: output cells whose centre lies inside the extent of image rows[n] (None: no extent)."""
+        _, _, extent = self._host()
+        if extent is None:
             return None
-        ex, ey = float(self.extent[i, 0]), float(self.extent[i, 1])
-        xs = (torch.arange(w, device=device) + 0.5) / w < ex + 1e-6
-        ys = (torch.arange(h, device=device) + 0.5) / h < ey + 1e-6
-        return ys[:, None] & xs[None, :]
+        ex, ey = ((extent[rows, k].double() + 1e-6).float().to(device) for k in (0, 1))  # [N] each
+        xs = (torch.arange(w, device=device) + 0.5) / w  # [w]
+        ys = (torch.arange(h, device=device) + 0.5) / h  # [h]
+        return (ys[None, :, None] < ey[:, None, None]) & (xs[None, None, :] < ex[:, None, None])
 
     def apply(self, x: torch.Tensor, mode: str = "bilinear", index: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C, H, W] (images, feature maps, or masks as float) -> g(x) of the same shape.
 
         Row n uses the transform of image `index[n]` (default n). Integer shifts and flips at x's
         resolution are exact gathers; other crops are bilinear (or nearest) samples at pixel centres.
-        Output cells outside the extent, or whose source lies off the canvas, are zero.
+        Output cells outside the extent, or whose source lies off the canvas, are zero. The rows of
+        each kind go through one batched gather or one `grid_sample`, whatever N.
         """
-        index = torch.arange(x.shape[0], device=x.device) if index is None else index
-        h, w = x.shape[-2:]
-        out = []
-        for n in range(x.shape[0]):
-            i = int(index[n])
-            jx, jy = self._source_indices(i, w, 0), self._source_indices(i, h, 1)
-            if jx is not None and jy is not None:
-                inside = ((jy >= 0) & (jy < h))[:, None] & ((jx >= 0) & (jx < w))[None, :]  # [h, w]
-                y = x[n][:, jy.clamp(0, h - 1)][:, :, jx.clamp(0, w - 1)] * inside.to(x.device, x.dtype)
-            else:
-                # The grid and the sampling stay in fp32 whatever x's dtype: a bf16 grid puts a
-                # sample up to half a cell off at 256 cells (8 bits of mantissa).
-                src = upcast(x[n : n + 1])
-                s, o = self.scale[i].to(src.dtype), self.offset[i].to(src.dtype)
-                # affine_grid works in [-1, 1] (align_corners=False: -1 and 1 are the outer pixel
-                # edges): src_n = 2 * (s * (out_n + 1) / 2 + o) - 1 = s * out_n + (s + 2 * o - 1).
-                theta = src.new_zeros((1, 2, 3))
-                theta[0, 0, 0], theta[0, 1, 1] = s[0], s[1]
-                theta[0, :, 2] = s + 2 * o - 1
-                with torch.autocast(x.device.type, enabled=False):
-                    grid = F.affine_grid(theta, [1, *x.shape[1:]], align_corners=False)
-                    y = F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=False)[0].to(x.dtype)
-            keep = self._extent_mask(i, h, w, x.device)
-            out.append(y if keep is None else y * keep.to(y.dtype))
-        return torch.stack(out) if out else x
+        n, c, h, w = x.shape
+        if n == 0:
+            return x
+        rows = torch.arange(n) if index is None else index.detach().cpu().long()  # [N] image of each row
+        shifts = [(self._source_indices(i, w, 0), self._source_indices(i, h, 1)) for i in rows.tolist()]
+        exact = torch.tensor([jx is not None and jy is not None for jx, jy in shifts])  # [N]
+        out = torch.empty_like(x)
+        if exact.any():
+            at = exact.nonzero()[:, 0]
+            jx = torch.stack([shifts[i][0] for i in at.tolist()])  # [n_e, w]
+            jy = torch.stack([shifts[i][1] for i in at.tolist()])  # [n_e, h]
+            inside = ((jy >= 0) & (jy < h))[:, :, None] & ((jx >= 0) & (jx < w))[:, None, :]  # [n_e, h, w]
+            at_d, jx_d, jy_d = at.to(x.device), jx.clamp(0, w - 1).to(x.device), jy.clamp(0, h - 1).to(x.device)
+            gathered = x[at_d[:, None, None], :, jy_d[:, :, None], jx_d[:, None, :]]  # [n_e, h, w, C]
+            out[at_d] = gathered.permute(0, 3, 1, 2) * inside[:, None].to(x.device, x.dtype)
+        if not exact.all():
+            at = (~exact).nonzero()[:, 0]
+            scale, offset, _ = self._host()
+            # The grid and the sampling stay in fp32 whatever x's dtype: a bf16 grid puts a
+            # sample up to half a cell off at 256 cells (8 bits of mantissa).
+            src = upcast(x[at.to(x.device)])
+            s, o = scale[rows[at]].to(src.dtype), offset[rows[at]].to(src.dtype)  # [n_b, 2]
+            # affine_grid works in [-1, 1] (align_corners=False: -1 and 1 are the outer pixel
+            # edges): src_n = 2 * (s * (out_n + 1) / 2 + o) - 1 = s * out_n + (s + 2 * o - 1).
+            theta = torch.zeros(len(at), 2, 3, dtype=src.dtype)
+            theta[:, 0, 0], theta[:, 1, 1] = s[:, 0], s[:, 1]
+            theta[:, :, 2] = s + 2 * o - 1
+            with torch.autocast(x.device.type, enabled=False):
+                grid = F.affine_grid(theta.to(x.device), [len(at), c, h, w], align_corners=False)
+                y = F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=False)
+            out[at.to(x.device)] = y.to(x.dtype)
+        keep = self._extent_masks(rows, h, w, x.device)
+        return out if keep is None else out * keep[:, None].to(out.dtype)
 
     def apply_masks(self, masks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """masks [K, H, W] bool of images `index` [K] -> g(masks) [K, H, W] bool (nearest)."""

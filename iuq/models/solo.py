@@ -93,27 +93,44 @@ def solo_targets(
 ) -> list[torch.Tensor]:
     """One image's assignment: per level [S*S] instance index of each cell (row-major), -1 if none.
 
-    boxes [K, 4] xyxy and masks [K, H, W] on the padded canvas (H, W) = `canvas`."""
+    boxes [K, 4] xyxy and masks [K, H, W] on the padded canvas (H, W) = `canvas`.
+
+    Each instance in a level's scale range claims the cells of its centre region (sigma x its box
+    around the mask's centre, at most one cell beyond the centre cell); larger instances are painted
+    first, so where regions overlap the smaller one keeps the cell. Built with tensor ops on the
+    boxes' device, without reading anything back per instance; the region bounds are taken in fp64,
+    as Python floats would take them.
+    """
     h, w = canvas
     device = boxes.device
-    centres = mask_centres(masks, boxes)  # [K, 2]
-    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()  # [K]
-    order = torch.argsort(size, descending=True).tolist()  # smaller instances assigned last: they win
+    k = boxes.shape[0]
+    if k == 0:
+        return [torch.full((s * s,), -1, dtype=torch.long, device=device) for s in grids]
+    centres = mask_centres(masks, boxes).double()  # [K, 2]
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]  # [K]
+    size = (widths * heights).sqrt()  # [K]
+    order = torch.argsort(size, descending=True)  # painting order: smaller instances last, they win
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(k, device=device)  # [K] position of each instance in that order
+    cx, cy = centres[:, 0], centres[:, 1]
+    half_w, half_h = 0.5 * sigma * widths.double(), 0.5 * sigma * heights.double()
     out = []
     for s, (lo, hi) in zip(grids, ranges, strict=True):
-        cells = torch.full((s, s), -1, dtype=torch.long, device=device)
-        for k in order:
-            if not lo <= float(size[k]) <= hi:
-                continue
-            cx, cy = float(centres[k, 0]), float(centres[k, 1])
-            half_w = 0.5 * sigma * float(boxes[k, 2] - boxes[k, 0])
-            half_h = 0.5 * sigma * float(boxes[k, 3] - boxes[k, 1])
-            col, row = int(cx / w * s), int(cy / h * s)  # the centre cell
-            top = max(int((cy - half_h) / h * s), row - 1, 0)
-            bottom = min(int((cy + half_h) / h * s), row + 1, s - 1)
-            left = max(int((cx - half_w) / w * s), col - 1, 0)
-            right = min(int((cx + half_w) / w * s), col + 1, s - 1)
-            cells[top : bottom + 1, left : right + 1] = k
+        inside = (size.double() >= lo) & (size.double() <= hi)  # [K]
+        col, row = (cx / w * s).trunc().long(), (cy / h * s).trunc().long()  # the centre cells
+        top = torch.maximum(((cy - half_h) / h * s).trunc().long(), row - 1).clamp(min=0)
+        bottom = torch.minimum(((cy + half_h) / h * s).trunc().long(), row + 1).clamp(max=s - 1)
+        left = torch.maximum(((cx - half_w) / w * s).trunc().long(), col - 1).clamp(min=0)
+        right = torch.minimum(((cx + half_w) / w * s).trunc().long(), col + 1).clamp(max=s - 1)
+        ys = torch.arange(s, device=device)[None, :, None]
+        xs = torch.arange(s, device=device)[None, None, :]
+        covers = (
+            inside[:, None, None]
+            & (ys >= top[:, None, None]) & (ys <= bottom[:, None, None])
+            & (xs >= left[:, None, None]) & (xs <= right[:, None, None])
+        )  # [K, S, S]  # fmt: skip
+        last = torch.where(covers, rank[:, None, None], -1).amax(0)  # [S, S] the last painter of each cell
+        cells = torch.where(last >= 0, order[last.clamp(min=0)], -1)
         out.append(cells.flatten())
     return out
 

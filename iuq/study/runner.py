@@ -52,6 +52,7 @@ LATER_KEYS = (
     ("train", "tf32", True),
     ("eval", "metric", "coco"),
     ("data", "repeat_factor_threshold", None),
+    ("iuq", "cuda_chunk_pairs", 2**26),
 )
 # The head sections of model types added later: they do not change a run of another model type.
 LATER_MODEL_SECTIONS = ("sotr",)

@@ -68,3 +68,15 @@ def test_both_terms_reach_the_queries_and_equi_needs_views():
 def test_minibatch_mode_has_no_memory():
     crit = IUQCriterion(IUQConfig(inter_mode="minibatch", equi=False), DotProductDecoder(), 6, dice_loss)
     assert crit.memory is None
+
+
+def test_chunk_size_by_device():
+    from iuq.core.config import IUQConfig
+    from iuq.core.criterion import IUQCriterion
+    from iuq.core.decoders import DotProductDecoder
+    from iuq.core.losses import dice_loss
+
+    crit = IUQCriterion(IUQConfig(chunk_size=1000, cuda_chunk_pairs=2**20), DotProductDecoder(), 8, dice_loss)
+    assert crit.chunk_size(torch.device("cpu"), 200) == 1000
+    assert crit.chunk_size(torch.device("cuda"), 256) == 4096  # 2^20 pairs / 256 queries
+    assert crit.chunk_size(torch.device("cuda"), 5000) == 1000  # never below chunk_size

@@ -67,3 +67,19 @@ def test_sampled_crops_stay_in_range_and_inside_valid_region():
     g1 = sample_transforms(3, torch.Generator().manual_seed(1))
     g2 = sample_transforms(3, torch.Generator().manual_seed(1))
     assert torch.equal(g1.scale, g2.scale) and torch.equal(g1.offset, g2.offset)
+
+
+def test_a_batch_is_transformed_as_its_rows_one_at_a_time():
+    """apply runs the exact rows as one gather and the resampled ones as one grid_sample: batching
+    must not mix rows (masks of several images, exact and resampled rows in one call)."""
+    from iuq.core.transforms import sample_transforms
+
+    g = torch.Generator().manual_seed(3)
+    for mode in ("stretch", "no_resize"):
+        t = sample_transforms(5, torch.Generator().manual_seed(1), mode=mode, canvas=(48, 64), align=8)
+        t.scale[0], t.offset[0] = torch.tensor([-1.0, 1.0]), torch.tensor([1.0, 0.0])  # an exact flip among them
+        index = torch.tensor([4, 0, 2, 2, 1, 3, 0])
+        x = torch.randn(7, 3, 48, 64, generator=g)
+        batched = t.apply(x, index=index)
+        for n in range(7):
+            assert torch.equal(batched[n : n + 1], t.apply(x[n : n + 1], index=index[n : n + 1])), (mode, n)

@@ -56,6 +56,50 @@ def test_empty_image_has_no_positives():
     assert all(bool((level == -1).all()) for level in levels)
 
 
+def _painted(boxes, masks, canvas, grids, ranges, sigma):
+    """The assignment as SOLO paints it, one instance at a time in Python floats (the reference of
+    the tensor version)."""
+    from iuq.models.fcos import mask_centres
+
+    h, w = canvas
+    centres = mask_centres(masks, boxes)
+    size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt()
+    out = []
+    for s, (lo, hi) in zip(grids, ranges, strict=True):
+        cells = torch.full((s, s), -1, dtype=torch.long)
+        for k in torch.argsort(size, descending=True).tolist():
+            if not lo <= float(size[k]) <= hi:
+                continue
+            cx, cy = float(centres[k, 0]), float(centres[k, 1])
+            half_w = 0.5 * sigma * float(boxes[k, 2] - boxes[k, 0])
+            half_h = 0.5 * sigma * float(boxes[k, 3] - boxes[k, 1])
+            col, row = int(cx / w * s), int(cy / h * s)
+            top, bottom = max(int((cy - half_h) / h * s), row - 1, 0), min(int((cy + half_h) / h * s), row + 1, s - 1)
+            left, right = max(int((cx - half_w) / w * s), col - 1, 0), min(int((cx + half_w) / w * s), col + 1, s - 1)
+            cells[top : bottom + 1, left : right + 1] = k
+        out.append(cells.flatten())
+    return out
+
+
+def test_tensor_assignment_equals_instance_by_instance_painting():
+    g = torch.Generator().manual_seed(0)
+    grids, ranges = [40, 36, 24, 16, 12], [[1.0, 24.0], [12.0, 48.0], [24.0, 96.0], [48.0, 192.0], [96.0, 2048.0]]
+    for trial in range(30):
+        k = int(torch.randint(1, 25, (1,), generator=g))
+        xy = torch.rand(k, 2, generator=g) * 150
+        wh = torch.rand(k, 2, generator=g) * 120 + 2
+        boxes = torch.cat([xy, (xy + wh).clamp(max=191)], 1).floor()
+        if trial % 3 == 0:  # identical sizes: the painting order must break ties the same way
+            boxes[1::2] = boxes[0]
+        masks = torch.zeros(k, 160, 192, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[i, y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] = True
+        ours = solo_targets(boxes, masks, (160, 192), grids, ranges, sigma=0.2)
+        reference = _painted(boxes, masks, (160, 192), grids, ranges, 0.2)
+        for a, b in zip(ours, reference, strict=True):
+            assert torch.equal(a, b), trial
+
+
 def test_matrix_nms_hand_worked():
     """m0 = {0,1}, m1 = {0,1,2} (IoU 2/3 with m0), m2 = {2,3} (IoU 1/4 with m1, 0 with m0), all class
     0; m3 = m0's pixels but class 1. Gaussian, sigma 2:
