@@ -176,6 +176,7 @@ def train_loader(
         num_workers=data_cfg.num_workers,
         collate_fn=collate,
         persistent_workers=data_cfg.num_workers > 0,
+        pin_memory=data_cfg.pin_memory and torch.cuda.is_available(),
         drop_last=True,
     )
 
