@@ -93,6 +93,8 @@ def _as_results(args) -> None:
 def _eval(args) -> None:
     from iuq.evaluation.coco_eval import evaluate_results, format_table, read_results, write_metrics
 
+    if args.metric == "lvis" and args.backend != "faster":
+        raise UsageError("iuq eval --metric lvis: needs --backend faster (faster-coco-eval's LVIS mode)")
     if args.model is not None:
         metrics = _eval_model(args)
     else:

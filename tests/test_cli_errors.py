@@ -232,3 +232,13 @@ def test_out_of_range_settings_name_the_key(capsys, tmp_path, setting, message):
     line = _error(capsys, ["train", "--set", setting, "--out", str(tmp_path / "run")])
     assert line == f"iuq: error: {message}" or (line.startswith("iuq: error: ") and message in line)
     assert not (tmp_path / "run").exists()
+
+
+def test_lvis_metric_needs_the_faster_backend_and_lvis_frequencies(capsys, tmp_path):
+    pred = tmp_path / "pred.json"
+    pred.write_text("[]")
+    line = _error(capsys, ["eval", "--gt", str(COCO_JSON), "--pred", str(pred), "--metric", "lvis", "--backend",
+                           "pycocotools"])  # fmt: skip
+    assert "--metric lvis" in line and "--backend faster" in line
+    line = _error(capsys, ["eval", "--gt", str(COCO_JSON), "--pred", str(pred), "--metric", "lvis"])
+    assert "have no 'frequency'" in line and "LVIS v1" in line
