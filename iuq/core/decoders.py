@@ -21,7 +21,9 @@ class DotProductDecoder(nn.Module):
 
     def forward(self, queries, pixels, pixel_xy=None, query_xy=None) -> torch.Tensor:
         """queries [Q, D], pixels [P, D] -> logits [Q, P]."""
-        return queries @ pixels.t().to(queries.dtype)  # pixels may be a bf16 memory (iuq.memory_dtype)
+        if pixels.dtype != queries.dtype and not torch.is_autocast_enabled(pixels.device.type):
+            pixels = pixels.to(queries.dtype)  # a bf16 memory (iuq.memory_dtype) against fp32 queries
+        return queries @ pixels.t()  # under autocast both go to its dtype, with no fp32 copy of the memory
 
 
 class DynamicConvDecoder(nn.Module):

@@ -185,3 +185,12 @@ def test_bf16_memory_halves_storage_and_gives_the_loss_of_its_rounded_entries():
     assert ours.item() == pytest.approx(rounded.item(), rel=1e-6)
     with pytest.raises(ValueError, match="iuq.memory_dtype"):
         IUQConfig(memory_dtype="float16")
+
+
+def test_dot_decoder_on_a_bf16_memory_with_and_without_autocast():
+    q, p = _rounded(4, 16, seed=16), _rounded(30, 16, seed=17).bfloat16()
+    torch.testing.assert_close(DotProductDecoder()(q, p), q @ p.float().t(), rtol=0, atol=0)  # fp32 run
+    with BF16:
+        out = DotProductDecoder()(q, p)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, q.bfloat16() @ p.t(), rtol=0, atol=0)
