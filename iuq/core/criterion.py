@@ -104,10 +104,13 @@ class IUQCriterion(nn.Module):
         self.center_count += 1
 
     def chunk_size(self, device: torch.device, queries: int) -> int:
-        """Pixels per chunk of L_inter: `chunk_size` on a CPU; on CUDA about `cuda_chunk_pairs` pairs."""
+        """Pixels per chunk of L_inter: on a CPU `chunk_size`, or about `cpu_chunk_pairs` pairs (at most
+        `chunk_size` pixels); on CUDA about `cuda_chunk_pairs` pairs (at least `chunk_size` pixels)."""
         c = self.cfg
         if device.type != "cuda":
-            return c.chunk_size
+            if c.cpu_chunk_pairs is None:
+                return c.chunk_size
+            return max(256, min(c.chunk_size, c.cpu_chunk_pairs // max(queries, 1)))
         return max(c.chunk_size, c.cuda_chunk_pairs // max(queries, 1))
 
     def query_weights(self, query_instances: list[torch.Tensor] | None, count: int) -> list[torch.Tensor] | None:

@@ -53,6 +53,7 @@ LATER_KEYS = (
     ("eval", "metric", "coco"),
     ("data", "repeat_factor_threshold", None),
     ("iuq", "cuda_chunk_pairs", 2**26),
+    ("iuq", "cpu_chunk_pairs", None),
     ("data", "pin_memory", True),
 )
 # The head sections of model types added later: they do not change a run of another model type.

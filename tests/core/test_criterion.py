@@ -80,3 +80,7 @@ def test_chunk_size_by_device():
     assert crit.chunk_size(torch.device("cpu"), 200) == 1000
     assert crit.chunk_size(torch.device("cuda"), 256) == 4096  # 2^20 pairs / 256 queries
     assert crit.chunk_size(torch.device("cuda"), 5000) == 1000  # never below chunk_size
+    cpu = IUQCriterion(IUQConfig(chunk_size=16384, cpu_chunk_pairs=2**19), DotProductDecoder(), 8, dice_loss)
+    assert cpu.chunk_size(torch.device("cpu"), 640) == 819  # 2^19 pairs / 640 queries
+    assert cpu.chunk_size(torch.device("cpu"), 10) == 16384  # never above chunk_size
+    assert cpu.chunk_size(torch.device("cpu"), 10**5) == 256
