@@ -5,9 +5,10 @@
 
 Each part runs in its own process under its own time cap (a failing part does not stop the next)
 and writes OUT/<part>.json; the last part writes OUT/summary.md, also printed:
-- smoke: `iuq train` of every model type with and without IUQ for 2 steps under bf16-mixed (CUDA)
-  or fp32 (CPU) from random init, then the final evaluation and export, then `iuq eval RUN_DIR`'s
-  path on the exported model, which must reproduce the run's AP.
+- smoke: `iuq train` of every model type with and without IUQ for one epoch of 2 steps (16 images,
+  batch 8: the second step meets a non-empty memory) under bf16-mixed (CUDA) or fp32 (CPU) from
+  random init, Lightning's validation at the epoch's end, the final evaluation and export, then
+  `iuq eval RUN_DIR`'s path on the exported model, which must reproduce the run's AP.
 - overhead: IUQ/baseline step time at equal views (benchmarks/train_step.py's protocol: same model and
   batch, arms alternating step by step, the baseline trains the g-views as extra samples), with a
   full memory of each size, and the peak GPU memory of each arm: Mask2Former and CondInst with a
@@ -60,8 +61,8 @@ def smoke(args) -> list[dict]:
                 f"out={work / name}", f"data.train_ann={work}/data/annotations/instances_train.json",
                 f"data.train_images={work}/data/train", f"data.val_ann={work}/data/annotations/instances_val.json",
                 f"data.val_images={work}/data/val", f"data.synthetic.dir={work}/data", "data.synthetic.images=20",
-                "data.batch_size=4", "data.num_workers=0", "model.backbone_weights=none", "train.max_steps=2",
-                "train.max_epochs=null", "train.eval_every_epochs=0", "train.log_every_steps=1",
+                "data.batch_size=8", "data.num_workers=0", "model.backbone_weights=none", "train.max_steps=2",
+                "train.max_epochs=null", "train.eval_every_epochs=1", "train.log_every_steps=1",
                 f"train.precision={'bf16-mixed' if gpu else '32-true'}", f"train.accelerator={'gpu' if gpu else 'cpu'}",
                 "train.devices=1", "train.strategy=auto", "eval.num_vis=1",
             ]  # fmt: skip
@@ -74,7 +75,9 @@ def smoke(args) -> list[dict]:
                 _, val = open_data(cfg)
                 again, _ = evaluate(trained, val, device=args.device, max_dets=cfg.eval.max_dets)
                 row.update(AP=round(metrics["AP"], 3), eval_AP=round(again["AP"], 3))
-                row["ok"] = abs(metrics["AP"] - again["AP"]) < 1e-6 and all(
+                log = (work / name / "logs" / "metrics.csv").read_text()
+                validated = "val/AP" in log.splitlines()[0]  # Lightning's validation at the epoch's end
+                row["ok"] = validated and abs(metrics["AP"] - again["AP"]) < 1e-6 and all(
                     (work / name / f).exists() for f in ("model", "checkpoints/last.ckpt", "metrics.json")
                 )
             except Exception as err:  # a part reports every failure instead of stopping at the first
