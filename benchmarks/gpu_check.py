@@ -21,7 +21,9 @@ and writes OUT/<part>.json; the last part writes OUT/summary.md, also printed:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +54,7 @@ def smoke(args) -> list[dict]:
     from iuq.engine.train import open_data, train
 
     rows = []
-    work = Path(tempfile.mkdtemp(prefix="gc_smoke_"))
+    work = scratch("gc_smoke_")
     gpu = args.device == "cuda"
     for kind in args.models:
         for arm in ("iuq", "baseline"):
@@ -119,7 +121,7 @@ def overhead(args) -> list[dict]:
 
     s, dev = sizes(args), torch.device(args.device)
     cuda = dev.type == "cuda"
-    root = Path(tempfile.mkdtemp(prefix="gc_overhead_"))
+    root = scratch("gc_overhead_")
     generate(root, SynthConfig(images=s["images"] + 2, size=s["size"], seed=0, val_fraction=2 / (s["images"] + 2)))
     ds = CocoInstances(root / "annotations" / "instances_train.json", root / "train")
     batch = collate([ds[i] for i in range(s["images"])])
@@ -241,6 +243,13 @@ def summary(out: Path, device: str) -> str:
     if missing:
         lines += ["", f"parts without results (failed or out of time; see log): {', '.join(missing)}"]
     return "\n".join(lines) + "\n"
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary folder, removed when the part's process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def main() -> None:
