@@ -58,10 +58,10 @@ class BatchTransform:
         back once per call, not once per image."""
         return self.scale.cpu(), self.offset.cpu(), self.extent.cpu() if self.extent is not None else None
 
-    def _source_indices(self, i: int, n: int, axis: int) -> torch.Tensor | None:
-        """Integer source index of each of the n output cells along `axis`, or None when the map
-        is not an integer shift (or flip) at this resolution."""
-        scale, offset, _ = self._host()
+    @staticmethod
+    def _source_indices(scale: torch.Tensor, offset: torch.Tensor, i: int, n: int, axis: int) -> torch.Tensor | None:
+        """Integer source index of each of the n output cells along `axis` for image i (host `scale`,
+        `offset`), or None when the map is not an integer shift (or flip) at this resolution."""
         s, o = float(scale[i, axis]), float(offset[i, axis])
         shift = o * n
         if abs(abs(s) - 1) > 1e-6 or abs(shift - round(shift)) > 1e-4:
@@ -69,9 +69,10 @@ class BatchTransform:
         # source index j of output i: (j + 0.5) / n = s * (i + 0.5) / n + o
         return round(s) * torch.arange(n) + round(shift) + (round(s) - 1) // 2
 
-    def _extent_masks(self, rows: torch.Tensor, h: int, w: int, device) -> torch.Tensor | None:
-        """[N, h, w] bool: output cells whose centre lies inside the extent of image rows[n] (None: no extent)."""
-        _, _, extent = self._host()
+    @staticmethod
+    def _extent_masks(extent: torch.Tensor | None, rows: torch.Tensor, h: int, w: int, device) -> torch.Tensor | None:
+        """[N, h, w] bool: output cells whose centre lies inside the (host) extent of image rows[n]
+        (None: no extent)."""
         if extent is None:
             return None
         ex, ey = ((extent[rows, k].double() + 1e-6).float().to(device) for k in (0, 1))  # [N] each
@@ -91,7 +92,9 @@ class BatchTransform:
         if n == 0:
             return x
         rows = torch.arange(n) if index is None else index.detach().cpu().long()  # [N] image of each row
-        shifts = [(self._source_indices(i, w, 0), self._source_indices(i, h, 1)) for i in rows.tolist()]
+        scale, offset, extent = self._host()  # one read-back per call
+        shifts = [(self._source_indices(scale, offset, i, w, 0), self._source_indices(scale, offset, i, h, 1))
+                  for i in rows.tolist()]  # fmt: skip
         exact = torch.tensor([jx is not None and jy is not None for jx, jy in shifts])  # [N]
         out = torch.empty_like(x)
         if exact.any():
@@ -104,7 +107,6 @@ class BatchTransform:
             out[at_d] = gathered.permute(0, 3, 1, 2) * inside[:, None].to(x.device, x.dtype)
         if not exact.all():
             at = (~exact).nonzero()[:, 0]
-            scale, offset, _ = self._host()
             # The grid and the sampling stay in fp32 whatever x's dtype: a bf16 grid puts a
             # sample up to half a cell off at 256 cells (8 bits of mantissa).
             src = upcast(x[at.to(x.device)])
@@ -118,7 +120,7 @@ class BatchTransform:
                 grid = F.affine_grid(theta.to(x.device), [len(at), c, h, w], align_corners=False)
                 y = F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=False)
             out[at.to(x.device)] = y.to(x.dtype)
-        keep = self._extent_masks(rows, h, w, x.device)
+        keep = self._extent_masks(extent, rows, h, w, x.device)
         return out if keep is None else out * keep[:, None].to(out.dtype)
 
     def apply_masks(self, masks: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

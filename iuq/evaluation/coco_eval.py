@@ -227,8 +227,13 @@ def summarize_precision(precision: np.ndarray, iou_thresholds: np.ndarray) -> di
     }
 
 
+def metric_keys(metrics: dict[str, float]) -> tuple[str, ...]:
+    """The keys reported for these metrics: COCO's six, or LVIS's nine."""
+    return LVIS_KEYS if "APr" in metrics else METRIC_KEYS
+
+
 def format_table(metrics: dict[str, float]) -> str:
-    keys = LVIS_KEYS if "APr" in metrics else METRIC_KEYS
+    keys = metric_keys(metrics)
     head = " | ".join(f"{k:>6}" for k in keys)
     row = " | ".join(f"{metrics[k]:6.2f}" for k in keys)
     return f"{'LVIS' if 'APr' in metrics else 'COCO'} mask AP\n{head}\n{row}"
@@ -236,7 +241,7 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def write_metrics(metrics: dict[str, float], path: str | os.PathLike) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    keys = LVIS_KEYS if "APr" in metrics else METRIC_KEYS
+    keys = metric_keys(metrics)
     with open(path, "w") as f:
         json.dump({k: metrics[k] for k in keys}, f, indent=2)
 
