@@ -64,6 +64,12 @@ class IUQConfig:
         SOLOv2) or "unit" (lambda times the unweighted form).
     equi_stopgrad: "none", "features" (L_equi does not train f(I) through g(f(I))) or "queries" (it
         does not train the g-view's queries): a one-sided stop-gradient, as in SimSiam.
+    roi_memory_capacity: for RoI mask heads (QueryInst, `iuq.core.roi`): pooled RoIs of other
+        images' instances in the memory, in place of `memory_capacity` pixels.
+    roi_negatives: RoI mask heads: at most this many negative RoIs per query and step, drawn
+        uniformly from the batch and the memory (null: all of them). Each pair is a pass of the mask
+        head, so the CPU demo draws a few; the expectation of L_inter is unchanged.
+    roi_chunk_pairs: RoI mask heads: (query, RoI) pairs decoded at once (checkpointed chunks).
     """
 
     inter: bool = True
@@ -98,6 +104,9 @@ class IUQConfig:
     query_reduction: str = "location"
     equi_weight_base: str = "weighted"
     equi_stopgrad: str = "none"
+    roi_memory_capacity: int = 1000
+    roi_negatives: int | None = None
+    roi_chunk_pairs: int = 256
 
     def __post_init__(self) -> None:
         choices = {
@@ -116,10 +125,13 @@ class IUQConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"iuq.{name}: {getattr(self, name)!r} is not one of {allowed}")
-        for name in ("memory_capacity", "samples_per_instance", "samples_per_image", "chunk_size", "cuda_chunk_pairs"):
+        for name in ("memory_capacity", "samples_per_instance", "samples_per_image", "chunk_size", "cuda_chunk_pairs",
+                     "roi_memory_capacity", "roi_chunk_pairs"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"iuq.{name}: must be a positive integer, got {value!r}")
+        if self.roi_negatives is not None and (isinstance(self.roi_negatives, bool) or self.roi_negatives <= 0):
+            raise ValueError(f"iuq.roi_negatives: must be a positive integer or null, got {self.roi_negatives!r}")
         if self.cpu_chunk_pairs is not None and (isinstance(self.cpu_chunk_pairs, bool) or self.cpu_chunk_pairs <= 0):
             raise ValueError(f"iuq.cpu_chunk_pairs: must be a positive integer or null, got {self.cpu_chunk_pairs!r}")
         for name in ("inter_weight", "equi_weight", "focal_gamma"):

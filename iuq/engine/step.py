@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from iuq.core.config import IUQConfig
 from iuq.core.criterion import IUQCriterion
+from iuq.core.roi_criterion import RoIIUQCriterion
 from iuq.core.sampling import PixelSamples, downsample_masks
 from iuq.core.transforms import BatchTransform
 from iuq.core.views import draw_g, transformed_views
@@ -148,31 +149,38 @@ def training_step(
             seed = int(torch.randint(0, 2**62, (), generator=generator))
             sample_generator = torch.Generator(device=images.device).manual_seed(seed)
         queries, masks, labels = matched(out, all_targets)
-        g_targets = all_targets[b:]
-        valid_g = None
-        if g is not None:
-            valid_g = downsample_masks(all_mask[b:], out.pixel_embeddings.shape[-2:])  # [B, h, w]
-        iuq_terms, samples = criterion(
-            out.pixel_embeddings,
-            queries,
-            masks,
-            [t["masks"] for t in targets],
-            image_ids,
-            g=g,
-            query_xy=out.query_xy,
-            num_masks=model.equi_normaliser(queries[b:], g_targets) if g is not None else None,
-            generator=sample_generator,
-            gt_labels=[t["labels"] for t in targets],
-            valid_g=valid_g,
-            query_instances=out.instances,
-        )
+        num_masks = model.equi_normaliser(queries[b:], all_targets[b:]) if g is not None else None
+        if isinstance(criterion, RoIIUQCriterion):  # masks decoded from RoI features (QueryInst)
+            iuq_terms, samples = criterion(
+                out.head["levels"], list(model.strides), queries, labels, out.head["query_boxes"], masks,
+                [t["boxes"] for t in targets], [t["labels"] for t in targets], image_ids, g=g, num_masks=num_masks,
+                generator=sample_generator,
+            )  # fmt: skip
+        else:
+            valid_g = None
+            if g is not None:
+                valid_g = downsample_masks(all_mask[b:], out.pixel_embeddings.shape[-2:])  # [B, h, w]
+            iuq_terms, samples = criterion(
+                out.pixel_embeddings,
+                queries,
+                masks,
+                [t["masks"] for t in targets],
+                image_ids,
+                g=g,
+                query_xy=out.query_xy,
+                num_masks=num_masks,
+                generator=sample_generator,
+                gt_labels=[t["labels"] for t in targets],
+                valid_g=valid_g,
+                query_instances=out.instances,
+            )
         weights = criterion.weights_at(step)
         for name, value in iuq_terms.items():
             terms[name] = value
             weighted = weights[name] * value
             loss = loss + weighted
             parts[name.removeprefix("loss_")] = weighted
-        if diagnose and cfg.inter:
+        if diagnose and cfg.inter and not isinstance(criterion, RoIIUQCriterion):
             diagnostics.update(criterion.diagnose_inter(queries, labels, image_ids, samples, out.query_xy))
     if diagnose:
         points = {"pixel": out.pixel_embeddings, "query": out.query_states, **shared_parameter_groups(model)}

@@ -14,6 +14,7 @@ from torch import nn
 from iuq.models.condinst import CondInst
 from iuq.models.config import MODEL_TYPES, ModelConfig
 from iuq.models.mask2former import Mask2FormerAdapter, build_mask2former, mask2former_from_config
+from iuq.models.queryinst import QueryInst
 from iuq.models.solov2 import SOLOv2
 from iuq.models.sotr import SOTR
 
@@ -55,6 +56,11 @@ SPECS: dict[str, ModelSpec] = {
             "sotr", lambda cfg, load_weights, hf_config: SOTR(cfg, cfg.num_labels, load_weights),
             lambda cfg: f"SOTR (twin transformer {cfg.sotr.depth} x {cfg.sotr.fpn_channels}, grids "
             f"{'/'.join(str(s) for s in cfg.sotr.grids)})", DENSE_EXPORT,
+        ),
+        ModelSpec(
+            "queryinst", lambda cfg, load_weights, hf_config: QueryInst(cfg, cfg.num_labels, load_weights),
+            lambda cfg: f"QueryInst ({cfg.queryinst.proposals} proposals, {cfg.queryinst.stages} stages, "
+            f"RoI masks {2 * cfg.queryinst.mask_pool} px)", DENSE_EXPORT,
         ),
     )
 }  # fmt: skip

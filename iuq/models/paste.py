@@ -8,7 +8,9 @@ would be about 10 GB).
 
 A prediction is a dict: `scores` [N], `labels` [N], `mask_logits` [N, hs, ws] on the padded
 stride grid, `stride`, `size` (h, w) of the valid input region, `orig_size` (H0, W0) and
-`logit_threshold` (a mask pixel is on where its pasted logit exceeds it).
+`logit_threshold` (a mask pixel is on where its pasted logit exceeds it). An RoI-based model's
+prediction (QueryInst) also holds `mask_boxes` [N, 4], xyxy in input pixels: its `mask_logits`
+[N, M, M] then cover each box, not the canvas.
 """
 
 from __future__ import annotations
@@ -32,6 +34,27 @@ def masks_to_image(logits: torch.Tensor, stride: int, size: tuple[int, int], ori
     x = F.interpolate(logits[None], size=(hp, wp), mode="bilinear", align_corners=False)[0]
     x = x[:, : size[0], : size[1]]
     return F.interpolate(x[None], size=orig, mode="bilinear", align_corners=False)[0]
+
+
+def roi_masks_to_image(
+    logits: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], orig: tuple[int, int]
+) -> torch.Tensor:
+    """RoI mask logits [K, M, M] over boxes [K, 4] (input pixels, valid region `size` (h, w)) ->
+    [K, H0, W0] logits at the original image size: each output pixel samples the box's probabilities
+    bilinearly at its centre, 0 outside the box (mmdetection's `_do_paste_mask`)."""
+    k = logits.shape[0]
+    if k == 0:
+        return logits.new_zeros((0, *orig))
+    h0, w0 = orig
+    sy, sx = size[0] / h0, size[1] / w0  # input pixels per output pixel
+    xs = (torch.arange(w0, device=logits.device, dtype=torch.float32) + 0.5) * sx  # [W0] input x of each centre
+    ys = (torch.arange(h0, device=logits.device, dtype=torch.float32) + 0.5) * sy
+    b = boxes.float()
+    gx = (xs[None] - b[:, :1]) / (b[:, 2:3] - b[:, :1]).clamp(min=1e-6) * 2 - 1  # [K, W0] in [-1, 1] inside
+    gy = (ys[None] - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]).clamp(min=1e-6) * 2 - 1  # [K, H0]
+    grid = torch.stack([gx[:, None, :].expand(k, h0, w0), gy[:, :, None].expand(k, h0, w0)], -1)
+    probs = F.grid_sample(logits.float().sigmoid()[:, None], grid, align_corners=False, padding_mode="zeros")[:, 0]
+    return torch.logit(probs, eps=1e-6)
 
 
 def low_res_prediction(
@@ -65,8 +88,12 @@ def pasted_logits(pred: dict, size: tuple[int, int] | None = None, budget: int |
     size = tuple(size or pred["orig_size"])
     logits = pred["mask_logits"]
     step = chunk_size(size[0] * size[1], budget)
+    boxes = pred.get("mask_boxes")
     for start in range(0, logits.shape[0], step):
-        yield start, masks_to_image(logits[start : start + step], pred["stride"], pred["size"], size)
+        if boxes is not None:
+            yield start, roi_masks_to_image(logits[start : start + step], boxes[start : start + step], pred["size"], size)
+        else:
+            yield start, masks_to_image(logits[start : start + step], pred["stride"], pred["size"], size)
 
 
 def mask_chunks(pred: dict, size: tuple[int, int] | None = None, budget: int | None = None) -> Iterator:
@@ -86,4 +113,4 @@ def paste_masks(pred: dict, size: tuple[int, int] | None = None) -> torch.Tensor
 
 def select(pred: dict, keep: torch.Tensor) -> dict:
     """`pred` restricted to the instances `keep` (bool mask or indices)."""
-    return {**pred, **{k: pred[k][keep] for k in ("scores", "labels", "mask_logits")}}
+    return {**pred, **{k: pred[k][keep] for k in ("scores", "labels", "mask_logits", "mask_boxes") if k in pred}}

@@ -55,9 +55,12 @@ LATER_KEYS = (
     ("iuq", "cuda_chunk_pairs", 2**26),
     ("iuq", "cpu_chunk_pairs", None),
     ("data", "pin_memory", True),
+    ("iuq", "roi_memory_capacity", 1000),
+    ("iuq", "roi_negatives", None),
+    ("iuq", "roi_chunk_pairs", 256),
 )
 # The head sections of model types added later: they do not change a run of another model type.
-LATER_MODEL_SECTIONS = ("sotr",)
+LATER_MODEL_SECTIONS = ("sotr", "queryinst")
 
 
 def fingerprint(config: Path, sets: list[str]) -> str:

@@ -1,0 +1,452 @@
+"""QueryInst (Fang et al., ICCV 2021) on torch/torchvision ops, after mmdetection's R50 1x recipe.
+
+    image -> backbone -> FPN P2..P5
+    N learned proposal boxes (the whole image at start) and N learned proposal features
+    6 stages, each:
+        RoIAlign 7x7 at the boxes -> DIIHead: self-attention among the proposal features (-> the
+            "attention features"), DynamicConv of the RoI features with kernels generated from them,
+            FFN, one classification FC, three regression FCs -> class logits, box deltas
+        boxes <- decode(boxes, deltas), detached for the next stage
+        RoIAlign 14x14 at the new boxes -> dynamic mask head (DynamicConv generated from the attention
+            features, 4 conv3x3 + BN, deconv x2) -> 28 x 28 logits per class
+    losses per stage (weight 1 each), after a Hungarian matching per stage and image:
+        focal 2.0 over every proposal, L1 5.0 (boxes over the image size) and GIoU 2.0, dice 8.0
+
+The IUQ hookup is RoI-based (`iuq.core.roi`): q_n is the matched proposal's attention feature at the
+last stage (what the mask head's dynamic convolution is generated from), f(I) the FPN levels, and
+<q, I> the last stage's mask head on a box's pooled features.
+
+Deviations from mmdetection's QueryInst, each deliberate:
+- The FPN is torchvision's `FeaturePyramidNetwork` (P6 computed by its max-pool block and not read),
+  and the backbone any of `iuq.models.pyramid`'s; frozen stem + first stage for pretrained backbones,
+  as mmdetection's `frozen_stages=1`.
+- RoIs are pooled by torchvision's `roi_align` (aligned, sampling ratio 2), levels by mmdetection's
+  rule (`iuq.core.roi.roi_levels`).
+- Masks are pasted into the image by sampling the 28 x 28 probabilities bilinearly at each output
+  pixel (`iuq.models.paste`), as mmdetection's `_do_paste_mask` does, at the original image size.
+- The losses' normaliser (matched proposals, averaged over ranks) is taken per view of IUQ's batch;
+  with IUQ off there is one view and it is mmdetection's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import generalized_box_iou, generalized_box_iou_loss
+
+from iuq.core.losses import dice_loss, sigmoid_focal, upcast
+from iuq.core.roi import pool_rois, roi_mask_targets
+from iuq.core.views import boxes_from_masks
+from iuq.models.dense import DenseSegmenter, average_over_ranks, per_view_losses, prior_bias
+from iuq.models.interface import SegmenterOutput, matched
+from iuq.models.paste import low_res_prediction
+from iuq.models.pyramid import Pyramid, build_backbone
+
+BOX_STDS = (0.5, 0.5, 1.0, 1.0)  # DeltaXYWHBBoxCoder's target_stds in the recipe (means 0)
+MAX_LOG_RATIO = abs(torch.log(torch.tensor(16 / 1000)).item())  # mmdetection's wh_ratio_clip
+
+
+@dataclass
+class QueryInstConfig:
+    """QueryInst's head (`model.queryinst`); defaults are mmdetection's R50 1x recipe.
+
+    fpn_channels: FPN width = proposal feature width. proposals: N learned proposals (100; 300 in the
+    3x recipes). stages: refinement stages. heads: attention heads. dynamic_channels: DynamicConv's
+    inner width. ffn_dim: the FFN's hidden width. cls_fcs, reg_fcs: FC layers before the class and
+    box outputs. mask_convs, mask_channels: the mask head's 3x3 convs. box_pool, mask_pool: RoIAlign
+    output sizes (the masks are twice mask_pool). cost_*: Hungarian costs; *_weight: loss weights.
+    mask_threshold: probability for a mask pixel at inference.
+    """
+
+    section: ClassVar[str] = "queryinst"
+    fpn_channels: int = 256
+    proposals: int = 100
+    stages: int = 6
+    heads: int = 8
+    dynamic_channels: int = 64
+    ffn_dim: int = 2048
+    cls_fcs: int = 1
+    reg_fcs: int = 3
+    mask_convs: int = 4
+    mask_channels: int = 256
+    box_pool: int = 7
+    mask_pool: int = 14
+    cost_class: float = 2.0
+    cost_l1: float = 5.0
+    cost_giou: float = 2.0
+    class_weight: float = 2.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    dice_weight: float = 8.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    mask_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("fpn_channels", "proposals", "stages", "heads", "dynamic_channels", "ffn_dim", "mask_channels",
+                     "box_pool", "mask_pool"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.queryinst.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.fpn_channels % self.heads:
+            raise ValueError(
+                f"model.queryinst.heads: must divide model.queryinst.fpn_channels ({self.fpn_channels}), got {self.heads}"
+            )
+        if not 0 < self.mask_threshold < 1:
+            raise ValueError(f"model.queryinst.mask_threshold: must be in (0, 1), got {self.mask_threshold}")
+
+
+def fc_ln_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cin, cout, bias=False), nn.LayerNorm(cout), nn.ReLU(inplace=True))
+
+
+class DynamicConv(nn.Module):
+    """Sparse R-CNN's instance interaction: two 1x1 "convolutions" of an RoI's S*S features whose
+    weights are generated from the proposal feature.
+
+    params [n, C] -> (C x F, F x C') weights; feats [n, C, S, S] -> [n, S*S, C'] (or [n, C'] with
+    `project`: flattened, one FC, LayerNorm, ReLU)."""
+
+    def __init__(self, channels: int, inner: int, pool: int, project: bool):
+        super().__init__()
+        self.channels, self.inner = channels, inner
+        self.generate = nn.Linear(channels, 2 * channels * inner)
+        self.norm_in, self.norm_out = nn.LayerNorm(inner), nn.LayerNorm(channels)
+        self.project = nn.Sequential(nn.Linear(channels * pool * pool, channels), nn.LayerNorm(channels),
+                                     nn.ReLU(inplace=True)) if project else None  # fmt: skip
+
+    def forward(self, params: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        c, f = self.channels, self.inner
+        weights = self.generate(params)  # [n, 2*C*F]
+        w_in = weights[:, : c * f].view(-1, c, f)  # [n, C, F]
+        w_out = weights[:, c * f :].view(-1, f, c)  # [n, F, C]
+        x = feats.flatten(2).transpose(1, 2)  # [n, S*S, C]
+        x = F.relu(self.norm_in(torch.bmm(x, w_in)))  # [n, S*S, F]
+        x = F.relu(self.norm_out(torch.bmm(x, w_out)))  # [n, S*S, C]
+        return x if self.project is None else self.project(x.flatten(1))
+
+
+class DIIHead(nn.Module):
+    """One stage's box head: proposal features [B, N, C] and their RoI features [B*N, C, 7, 7] ->
+    class logits [B, N, K], box deltas [B, N, 4], the next stage's features [B, N, C] and the
+    attention features [B, N, C] (after self-attention; the mask head's dynamic input)."""
+
+    def __init__(self, cfg: QueryInstConfig, num_classes: int):
+        super().__init__()
+        c = cfg.fpn_channels
+        self.attention = nn.MultiheadAttention(c, cfg.heads, batch_first=True)
+        self.attention_norm = nn.LayerNorm(c)
+        self.interact = DynamicConv(c, cfg.dynamic_channels, cfg.box_pool, project=True)
+        self.interact_norm = nn.LayerNorm(c)
+        self.ffn = nn.Sequential(nn.Linear(c, cfg.ffn_dim), nn.ReLU(inplace=True), nn.Linear(cfg.ffn_dim, c))
+        self.ffn_norm = nn.LayerNorm(c)
+        self.cls_fcs = nn.Sequential(*[fc_ln_relu(c, c) for _ in range(cfg.cls_fcs)])
+        self.reg_fcs = nn.Sequential(*[fc_ln_relu(c, c) for _ in range(cfg.reg_fcs)])
+        self.cls_out = nn.Linear(c, num_classes)
+        self.reg_out = nn.Linear(c, 4)
+        for p in self.parameters():  # mmdetection's DIIHead.init_weights
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.constant_(self.cls_out.bias, prior_bias(0.01))
+
+    def forward(self, proposal_feats: torch.Tensor, roi_feats: torch.Tensor):
+        b, n, c = proposal_feats.shape
+        attn = self.attention_norm(proposal_feats + self.attention(proposal_feats, proposal_feats, proposal_feats,
+                                                                   need_weights=False)[0])  # fmt: skip
+        x = attn.reshape(b * n, c)
+        x = self.interact_norm(x + self.interact(x, roi_feats))
+        x = self.ffn_norm(x + self.ffn(x))  # [B*N, C]
+        logits = self.cls_out(self.cls_fcs(x)).view(b, n, -1)
+        deltas = self.reg_out(self.reg_fcs(x)).view(b, n, 4)
+        return logits, deltas, x.view(b, n, c), attn
+
+
+class DynamicMaskHead(nn.Module):
+    """One stage's mask head: attention features [n, C] and RoI features [n, C, S, S] -> mask logits
+    [n, K, 2S, 2S]: DynamicConv (no projection), `mask_convs` conv3x3 + BN + ReLU, deconv x2 + ReLU,
+    a 1x1 conv to one channel per class.
+
+    `reference_bn`: the BatchNorm layers normalise by their running statistics and leave them
+    unchanged (L_inter's decoding of other images' RoIs, `iuq.core.roi`)."""
+
+    def __init__(self, cfg: QueryInstConfig, num_classes: int):
+        super().__init__()
+        c, m = cfg.fpn_channels, cfg.mask_channels
+        self.interact = DynamicConv(c, cfg.dynamic_channels, cfg.mask_pool, project=False)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c if i == 0 else m, m, 3, padding=1, bias=False) for i in range(cfg.mask_convs)
+        )
+        self.norms = nn.ModuleList(nn.BatchNorm2d(m) for _ in range(cfg.mask_convs))
+        width = m if cfg.mask_convs else c
+        self.upsample = nn.ConvTranspose2d(width, width, 2, stride=2)
+        self.logits = nn.Conv2d(width, num_classes, 1)
+        for p in self.parameters():  # mmdetection's DynamicMaskHead.init_weights
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        nn.init.zeros_(self.logits.bias)
+
+    def forward(self, attn_feats: torch.Tensor, roi_feats: torch.Tensor, reference_bn: bool = False) -> torch.Tensor:
+        n, c, s, _ = roi_feats.shape
+        x = self.interact(attn_feats, roi_feats).transpose(1, 2).reshape(n, c, s, s)  # [n, C, S, S]
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            x = conv(x)
+            if reference_bn:
+                x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+            else:
+                x = norm(x)
+            x = F.relu(x)
+        return self.logits(F.relu(self.upsample(x)))  # [n, K, 2S, 2S]
+
+
+class ClassChannelDecoder(nn.Module):
+    """The last stage's mask head as IUQ's RoI decoder (`iuq.core.roi.RoIDecoder`): (queries [n, C],
+    RoI features [n, C, S, S], classes [n]) -> logits [n, 2S, 2S] of each query's class channel,
+    BatchNorm by running statistics unless `reference_bn=False`. Holds no parameters of its own
+    (they are the model's)."""
+
+    def __init__(self, model: QueryInst):
+        super().__init__()
+        self._model = [model]  # not a submodule: the parameters stay the model's
+        self.mask_size = 2 * model.cfg.mask_pool
+
+    def forward(self, queries, feats, labels, reference_bn: bool = True) -> torch.Tensor:
+        logits = self._model[0].stages[-1].mask_head(queries, feats, reference_bn=reference_bn)  # [n, K, M, M]
+        return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
+
+
+class Stage(nn.Module):
+    def __init__(self, cfg: QueryInstConfig, num_classes: int):
+        super().__init__()
+        self.box_head = DIIHead(cfg, num_classes)
+        self.mask_head = DynamicMaskHead(cfg, num_classes)
+
+
+def decode_boxes(boxes: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """boxes [..., 4] xyxy, deltas [..., 4] (dx, dy, dw, dh) over BOX_STDS -> boxes [..., 4] xyxy
+    (mmdetection's `delta2bbox` with zero means, no clipping)."""
+    d = deltas * deltas.new_tensor(BOX_STDS)
+    centre, size = (boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]
+    centre = centre + size * d[..., :2]
+    size = size * d[..., 2:].clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()
+    return torch.cat([centre - size / 2, centre + size / 2], -1)
+
+
+@torch.no_grad()
+def hungarian_match(
+    logits: torch.Tensor,
+    boxes: torch.Tensor,
+    gt_labels: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    whwh: torch.Tensor,
+    cfg: QueryInstConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's matching: logits [N, K], boxes [N, 4] and G ground-truth instances -> (proposal
+    indices [G'], their instances [G']), G' = min(N, G). Cost = cost_class * focal cost + cost_l1 *
+    L1 of the boxes over the image size + cost_giou * (-GIoU) (mmdetection's HungarianAssigner with
+    FocalLossCost, BBoxL1Cost, IoUCost)."""
+    if gt_labels.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
+        return empty, empty
+    p = upcast(logits).sigmoid()[:, gt_labels]  # [N, G]
+    a, g, eps = cfg.focal_alpha, cfg.focal_gamma, 1e-12
+    pos = -(p + eps).log() * a * (1 - p) ** g
+    neg = -(1 - p + eps).log() * (1 - a) * p**g
+    boxes, gt_boxes = upcast(boxes), gt_boxes.float()
+    l1 = torch.cdist(boxes / whwh, gt_boxes / whwh, p=1)
+    cost = cfg.cost_class * (pos - neg) + cfg.cost_l1 * l1 - cfg.cost_giou * generalized_box_iou(boxes, gt_boxes)
+    rows, cols = linear_sum_assignment(cost.cpu().numpy())
+    device = logits.device
+    return torch.as_tensor(rows, dtype=torch.int64, device=device), torch.as_tensor(cols, dtype=torch.int64, device=device)
+
+
+class QueryInst(nn.Module):
+    """QueryInst behind iuq's base-model interface (`iuq.models.interface`, docs/design.md), with the
+    RoI decoder kind (`decoder_kind = "roi"`, `iuq.core.roi`). Args as `CondInst`."""
+
+    decoder_kind = "roi"
+    strides = (4, 8, 16, 32)  # P2..P5
+    stride = 4  # of `pixel_embeddings` (P2)
+    equi_upsample = 1
+    register_normalisation = DenseSegmenter.register_normalisation
+    normalise = DenseSegmenter.normalise
+    export = DenseSegmenter.export
+    matched = staticmethod(matched)
+
+    def __init__(self, model_cfg, num_classes: int, load_weights: bool = True):
+        super().__init__()
+        self.cfg, self.num_classes, self.model_cfg = model_cfg.queryinst, num_classes, model_cfg
+        c = self.cfg
+        self.backbone = build_backbone(model_cfg, load_weights)
+        self.pyramid = Pyramid(self.backbone.channels, c.fpn_channels, "p2-p6")
+        self.proposal_boxes = nn.Embedding(c.proposals, 4)  # (cx, cy, w, h) over the image size
+        nn.init.constant_(self.proposal_boxes.weight[:, :2], 0.5)
+        nn.init.constant_(self.proposal_boxes.weight[:, 2:], 1.0)
+        self.proposal_feats = nn.Embedding(c.proposals, c.fpn_channels)
+        self.stages = nn.ModuleList(Stage(c, num_classes) for _ in range(c.stages))
+        self.decoder = ClassChannelDecoder(self)
+        self.register_normalisation(model_cfg)
+
+    # -- the contract ----------------------------------------------------------------------------
+    @property
+    def pixel_dim(self) -> int:
+        return self.cfg.fpn_channels
+
+    @property
+    def mask_loss_weight(self) -> float:
+        return self.cfg.dice_weight
+
+    @property
+    def roi_size(self) -> int:
+        return self.cfg.mask_pool
+
+    def mask_loss(self, logits: torch.Tensor, targets: torch.Tensor, num_masks: float | None = None) -> torch.Tensor:
+        """dice x 8 in mmdetection's squared form (eps 1e-5 on each of sum(p^2) and sum(t^2)), summed
+        over masks, / num_masks: the base mask loss and L_equi."""
+        return self.cfg.dice_weight * dice_loss(logits, targets, num_masks, form="squared", eps=2e-5)
+
+    def equi_normaliser(self, queries_g: list[torch.Tensor], targets_g: list[dict]) -> float:
+        """Matched g-view proposals averaged over ranks, at least 1 (the mask loss's avg_factor)."""
+        return max(average_over_ranks(sum(q.shape[0] for q in queries_g), self.mean.device), 1.0)
+
+    def backbone_module(self) -> nn.Module:
+        return self.backbone
+
+    def checkpoint_extras(self) -> dict:
+        return {}
+
+    def decode_masks(self, attn_feats: torch.Tensor, roi_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's mask logits [n, M, M] on each query's class channel (train-mode BatchNorm)."""
+        logits = self.stages[-1].mask_head(attn_feats, roi_feats)
+        return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _image_sizes(self, images: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+        """[N, 4] (w, h, w, h) of each image's valid region, in input pixels."""
+        n, _, h, w = images.shape
+        if pixel_mask is None:
+            return images.new_tensor([w, h, w, h], dtype=torch.float32).expand(n, 4)
+        ws = pixel_mask.any(1).sum(1).float()
+        hs = pixel_mask.any(2).sum(1).float()
+        return torch.stack([ws, hs, ws, hs], 1)
+
+    def _stages(self, images: torch.Tensor, pixel_mask: torch.Tensor | None) -> dict:
+        """Every stage's outputs: `logits` [N, P, K], `boxes` [N, P, 4] (decoded, with grad), `attn`
+        [N, P, C]; and `levels` (P2..P5), `whwh` [N, 4]."""
+        levels = self.pyramid(self.backbone(self.normalise(images, pixel_mask)))[:4]
+        n, p = images.shape[0], self.cfg.proposals
+        whwh = self._image_sizes(images, pixel_mask)
+        cxcywh = self.proposal_boxes.weight[None] * whwh[:, None]  # [N, P, 4]
+        boxes = torch.cat([cxcywh[..., :2] - cxcywh[..., 2:] / 2, cxcywh[..., :2] + cxcywh[..., 2:] / 2], -1)
+        feats = self.proposal_feats.weight[None].expand(n, -1, -1)
+        index = torch.arange(n, device=images.device).repeat_interleave(p)
+        out = {"logits": [], "boxes": [], "attn": [], "levels": levels, "whwh": whwh}
+        for stage in self.stages:
+            rois = pool_rois(levels, list(self.strides), boxes.reshape(-1, 4), index, self.cfg.box_pool)
+            logits, deltas, feats, attn = stage.box_head(feats, rois)
+            new_boxes = decode_boxes(boxes, deltas)
+            out["logits"].append(logits)
+            out["boxes"].append(new_boxes)
+            out["attn"].append(attn)
+            boxes = new_boxes.detach()
+        return out
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
+        targets: list[dict] | None = None,
+        views: int = 1,
+        view_loss: tuple[bool, ...] | None = None,
+    ) -> SegmenterOutput:
+        """As `iuq.models.interface.BaseSegmenter`; besides the contract's fields, the output's head
+        holds `levels` (P2..P5, f(I)) and `query_boxes` (per view-image [Q_i, 4], the box each
+        matched query's mask was decoded on)."""
+        n = images.shape[0]
+        if n % views:
+            raise ValueError(f"a batch of {n} images does not split into {views} views")
+        heads = self._stages(images, pixel_mask)
+        p2 = heads["levels"][0]
+        if targets is None:
+            return SegmenterOutput(None, {}, None, p2, self.stride, head=heads)
+        view_loss = tuple(view_loss) if view_loss is not None else (True,) * views
+        gts = []
+        for t in targets:
+            boxes = t["boxes"] if "boxes" in t else boxes_from_masks(t["masks"])
+            gts.append((t["labels"].to(images.device).long(), boxes.to(images.device, torch.float32)))
+        matches = [
+            [hungarian_match(logits[i], boxes[i], *gts[i], heads["whwh"][i], self.cfg) for i in range(n)]
+            for logits, boxes in zip(heads["logits"], heads["boxes"], strict=True)
+        ]  # [stage][image] (proposals, instances)
+
+        def losses_of_view(part):
+            return self._losses(heads, matches, targets, gts, part)
+
+        loss, terms, losses = per_view_losses(views, n // views, view_loss, losses_of_view)
+        last = matches[-1]
+        attn = heads["attn"][-1]
+        queries = [attn[i, m[0]] for i, m in enumerate(last)]  # [Q_i, C]
+        heads["query_boxes"] = [heads["boxes"][-1][i, m[0]].detach() for i, m in enumerate(last)]
+        query_states = attn.reshape(-1, attn.shape[-1])
+        return SegmenterOutput(loss, terms, losses, p2, self.stride, queries, [m[1] for m in last], query_states,
+                               head=heads)  # fmt: skip
+
+    def _losses(self, heads: dict, matches, targets, gts, part: list[int]) -> dict[str, torch.Tensor]:
+        """The unweighted-by-stage sum of each stage's weighted terms on images `part`."""
+        c = self.cfg
+        totals: dict[str, torch.Tensor] = {}
+        levels, whwh = heads["levels"], heads["whwh"]
+        for s, (logits, boxes, attn) in enumerate(zip(heads["logits"], heads["boxes"], heads["attn"], strict=True)):
+            rows = [matches[s][i] for i in part]
+            num = max(average_over_ranks(sum(int(r[0].numel()) for r in rows), logits.device), 1.0)
+            onehot = torch.zeros_like(logits[part], dtype=torch.float32)  # [b, P, K]
+            for j, (i, (prop, inst)) in enumerate(zip(part, rows, strict=True)):
+                onehot[j, prop, gts[i][0][inst]] = 1
+            terms = {"loss_cls": c.class_weight * sigmoid_focal(logits[part], onehot, c.focal_alpha, c.focal_gamma) / num}
+            pred = torch.cat([boxes[i, prop] for i, (prop, _) in zip(part, rows, strict=True)])  # [M, 4]
+            gt = torch.cat([gts[i][1][inst] for i, (_, inst) in zip(part, rows, strict=True)])
+            size = torch.cat([whwh[i].expand(prop.numel(), 4) for i, (prop, _) in zip(part, rows, strict=True)])
+            pred = upcast(pred)
+            terms["loss_l1"] = c.l1_weight * (pred / size - gt / size).abs().sum() / num
+            terms["loss_giou"] = c.giou_weight * generalized_box_iou_loss(pred, gt, reduction="sum") / num
+            mask_boxes = pred.detach()
+            image = torch.cat([torch.full((prop.numel(),), i, device=pred.device) for i, (prop, _) in
+                               zip(part, rows, strict=True)])  # fmt: skip
+            feats = pool_rois(levels, list(self.strides), mask_boxes, image, c.mask_pool)
+            attn_pos = torch.cat([attn[i, prop] for i, (prop, _) in zip(part, rows, strict=True)])
+            labels = torch.cat([gts[i][0][inst] for i, (_, inst) in zip(part, rows, strict=True)])
+            masks = torch.cat([targets[i]["masks"][inst.to(targets[i]["masks"].device)] for i, (_, inst) in
+                               zip(part, rows, strict=True)])  # fmt: skip
+            target = roi_mask_targets(masks, mask_boxes, 2 * c.mask_pool)
+            if labels.numel():
+                terms["loss_mask"] = self.mask_loss(self.decode_masks(attn_pos, feats, labels), target, num)
+            else:  # keeps every parameter in the graph
+                terms["loss_mask"] = attn_pos.sum() * 0 + sum(p.sum() * 0 for p in self.stages[s].mask_head.parameters())
+            for k, v in terms.items():
+                totals[k] = totals[k] + v if k in totals else v
+        return totals
+
+    # -- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_instances(
+        self, images: torch.Tensor, pixel_mask: torch.Tensor | None, sizes, orig_sizes, top_k: int = 100
+    ) -> list[dict]:
+        """Per image a prediction of `iuq.models.paste` with RoI masks: the best `top_k` (proposal,
+        class) pairs of the last stage by class probability (no NMS), their boxes and 28 x 28 masks."""
+        heads = self._stages(images, pixel_mask)
+        logits, boxes, attn = heads["logits"][-1], heads["boxes"][-1], heads["attn"][-1]
+        k = self.num_classes
+        results = []
+        for i in range(images.shape[0]):
+            scores, idx = logits[i].sigmoid().flatten().topk(min(top_k, logits.shape[1] * k))
+            prop, labels = idx // k, idx % k
+            index = torch.full((prop.numel(),), i, device=images.device)
+            feats = pool_rois(heads["levels"], list(self.strides), boxes[i, prop], index, self.cfg.mask_pool)
+            masks = self.decode_masks(attn[i, prop], feats, labels) if prop.numel() else feats.new_zeros((0, 2 * self.cfg.mask_pool, 2 * self.cfg.mask_pool))
+            pred = low_res_prediction(masks, scores, labels, self.stride, sizes[i], orig_sizes[i], self.cfg.mask_threshold)
+            pred["mask_boxes"] = boxes[i, prop]  # [n, 4] input pixels: the masks are RoI masks
+            results.append(pred)
+        return results
