@@ -236,28 +236,34 @@ def decode_boxes(boxes: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hungarian_match(
+def match_cost(
     logits: torch.Tensor,
     boxes: torch.Tensor,
     gt_labels: torch.Tensor,
     gt_boxes: torch.Tensor,
     whwh: torch.Tensor,
     cfg: QueryInstConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One image's matching: logits [N, K], boxes [N, 4] and G ground-truth instances -> (proposal
-    indices [G'], their instances [G']), G' = min(N, G). Cost = cost_class * focal cost + cost_l1 *
-    L1 of the boxes over the image size + cost_giou * (-GIoU) (mmdetection's HungarianAssigner with
-    FocalLossCost, BBoxL1Cost, IoUCost)."""
-    if gt_labels.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
-        return empty, empty
+) -> torch.Tensor:
+    """One image's matching cost [N, G] between proposals (logits [N, K], boxes [N, 4] xyxy) and G
+    ground-truth instances: cost_class * focal cost + cost_l1 * L1 of the boxes over the image size
+    `whwh` [4] + cost_giou * (-GIoU) (mmdetection's HungarianAssigner with FocalLossCost, BBoxL1Cost
+    and IoUCost)."""
     p = upcast(logits).sigmoid()[:, gt_labels]  # [N, G]
     a, g, eps = cfg.focal_alpha, cfg.focal_gamma, 1e-12
     pos = -(p + eps).log() * a * (1 - p) ** g
     neg = -(1 - p + eps).log() * (1 - a) * p**g
     boxes, gt_boxes = upcast(boxes), gt_boxes.float()
     l1 = torch.cdist(boxes / whwh, gt_boxes / whwh, p=1)
-    cost = cfg.cost_class * (pos - neg) + cfg.cost_l1 * l1 - cfg.cost_giou * generalized_box_iou(boxes, gt_boxes)
+    return cfg.cost_class * (pos - neg) + cfg.cost_l1 * l1 - cfg.cost_giou * generalized_box_iou(boxes, gt_boxes)
+
+
+def hungarian_match(logits, boxes, gt_labels, gt_boxes, whwh, cfg: QueryInstConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(proposal indices [G'], their instances [G']), G' = min(N, G): the assignment of least total
+    `match_cost` (scipy's `linear_sum_assignment`)."""
+    if gt_labels.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
+        return empty, empty
+    cost = match_cost(logits, boxes, gt_labels, gt_boxes, whwh, cfg)
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
     device = logits.device
     return torch.as_tensor(rows, dtype=torch.int64, device=device), torch.as_tensor(cols, dtype=torch.int64, device=device)

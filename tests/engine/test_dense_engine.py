@@ -24,7 +24,7 @@ def dense_overrides(kind, data, out, **extra) -> list[str]:
     return [*keep, f"model.type={kind}", *HEADS[kind]]
 
 
-@pytest.mark.parametrize("kind", DENSE)
+@pytest.mark.parametrize("kind", [*DENSE, "queryinst"])
 def test_resume_checkpoint_export_and_eval(kind, tiny_data, tmp_path):  # noqa: F811
     every_step = {"train.checkpoint_every_steps": 1, "train.eval_every_epochs": 1}
     straight = load_config(None, dense_overrides(kind, tiny_data, tmp_path / "straight", **every_step))

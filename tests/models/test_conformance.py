@@ -10,6 +10,7 @@ import torch
 from iuq.cli import main
 from iuq.config import load_config
 from iuq.core.criterion import IUQCriterion
+from iuq.core.roi_criterion import RoIIUQCriterion
 from iuq.core.sampling import grid_xy
 from iuq.engine.inference import load_trained, save_model_dir
 from iuq.engine.step import training_step
@@ -21,6 +22,15 @@ from tests.engine.test_train import tiny_data, tiny_overrides  # noqa: F401 (fix
 from tests.models.test_dense_training import HEADS, batch
 
 MODELS = sorted(SPECS)
+
+
+def criterion_for(cfg, model):
+    """The criterion the engine builds for `model` (`iuq.engine.module`)."""
+    if getattr(model, "decoder_kind", "pixel") == "roi":
+        return RoIIUQCriterion(cfg.iuq, model.decoder, model.pixel_dim, model.roi_size, model.mask_loss,
+                               model.mask_loss_weight)  # fmt: skip
+    return IUQCriterion(cfg.iuq, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight,
+                        model.equi_upsample)  # fmt: skip
 
 
 def tiny(kind: str, *extra: str):
@@ -54,8 +64,23 @@ def test_forward_output_keeps_the_contract(kind):
     queries, masks, labels = matched(out, targets + targets)
     assert all(m.shape[0] == q.shape[0] and m.shape[-2:] == (64, 64) for m, q in zip(masks, queries, strict=True))
     assert all(lab.shape[0] == q.shape[0] for lab, q in zip(labels, queries, strict=True))
-    # The decoder is parameter-free and decodes the queries on the flat embeddings.
-    assert not list(model.decoder.parameters())
+    assert model.equi_normaliser(queries[2:], targets) >= 1.0
+    assert isinstance(model.checkpoint_extras(), dict)
+    assert not list(model.decoder.parameters())  # a decoder holds no parameters of its own
+    if getattr(model, "decoder_kind", "pixel") == "roi":
+        # An RoI decoder reads pooled features [n, C, S, S]; every matched query has its box.
+        boxes = out.head["query_boxes"]
+        assert [b.shape for b in boxes] == [(q.shape[0], 4) for q in out.queries]
+        assert [lv.shape[0] for lv in out.head["levels"]] == [n] * len(model.strides)
+        s_ = model.roi_size
+        feats = torch.randn(queries[0].shape[0], model.pixel_dim, s_, s_)
+        logits = model.decoder(queries[0], feats, labels[0])
+        m = model.decoder.mask_size
+        assert logits.shape == (queries[0].shape[0], m, m) and torch.isfinite(logits).all()
+        value = model.mask_loss(logits.flatten(1), torch.zeros_like(logits, dtype=torch.bool).flatten(1), 1.0)
+        assert value.ndim == 0 and torch.isfinite(value)
+        return
+    # A pixel decoder decodes the queries on the flat embeddings.
     h, w = out.pixel_embeddings.shape[-2:]
     pixels = out.pixel_embeddings[0].flatten(1).t()  # [h*w, D]
     qxy = out.query_xy[0] if out.query_xy is not None else None
@@ -63,8 +88,6 @@ def test_forward_output_keeps_the_contract(kind):
     assert logits.shape == (queries[0].shape[0], h * w) and torch.isfinite(logits).all()
     value = model.mask_loss(logits, torch.zeros_like(logits, dtype=torch.bool), 1.0)
     assert value.ndim == 0 and torch.isfinite(value)
-    assert model.equi_normaliser(queries[2:], targets) >= 1.0
-    assert isinstance(model.checkpoint_extras(), dict)
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -73,8 +96,7 @@ def test_a_train_step_with_and_without_iuq(kind, with_iuq):
     cfg, model = tiny(kind)
     criterion = None
     if with_iuq:
-        criterion = IUQCriterion(cfg.iuq, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight,
-                                 model.equi_upsample)  # fmt: skip
+        criterion = criterion_for(cfg, model)
     images, pixel_mask, targets = batch()
     result = training_step(model, criterion, images, pixel_mask, targets, torch.tensor([0, 1]),
                            torch.Generator().manual_seed(0), cfg=cfg.iuq)  # fmt: skip

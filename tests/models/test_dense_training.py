@@ -23,8 +23,12 @@ HEADS = {
     "sotr": ["model.sotr.fpn_channels=32", "model.sotr.depth=1", "model.sotr.heads=2",
              "model.sotr.kernel_channels=32", "model.sotr.mask_feature_channels=32", "model.sotr.grids=[12,10,8,6,4]",
              "model.sotr.scale_ranges=[[1,24],[12,48],[24,96],[48,192],[96,512]]"],
+    "queryinst": ["model.queryinst.fpn_channels=32", "model.queryinst.proposals=8", "model.queryinst.stages=2",
+                  "model.queryinst.heads=2", "model.queryinst.dynamic_channels=8", "model.queryinst.ffn_dim=32",
+                  "model.queryinst.reg_fcs=1", "model.queryinst.mask_convs=1", "model.queryinst.mask_channels=16",
+                  "iuq.roi_memory_capacity=50"],
 }  # fmt: skip
-DENSE = sorted(HEADS)
+DENSE = sorted(k for k in HEADS if k != "queryinst")  # QueryInst's masks come from RoIs: tests/models/test_queryinst.py
 DYNAMIC = {
     "condinst": lambda m: m.head.controller.weight,
     "solov2": lambda m: m.kernel_out.weight,
