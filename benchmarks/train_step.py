@@ -8,6 +8,7 @@ the baseline is the "augmentation" arm (g-views as extra samples, no IUQ term), 
     python benchmarks/train_step.py --images 4 --steps 20
     python benchmarks/train_step.py --config configs/demo.yaml   # the demo's model, batch, size, memory
     python benchmarks/train_step.py --config configs/condinst_demo.yaml
+    python benchmarks/train_step.py --config configs/queryinst_demo.yaml   # RoI memory: RoIs x C*14*14
 
 Last line: `iuq/baseline step time: R` (the paper reports ~1.05 on 8 A100s).
 """
@@ -24,11 +25,10 @@ import torch
 
 from iuq.config import load_config
 from iuq.core.config import IUQConfig
-from iuq.core.criterion import IUQCriterion
 from iuq.data.coco import CocoInstances
 from iuq.data.synthetic import SynthConfig, generate
 from iuq.data.transforms import collate
-from iuq.engine.step import training_step
+from iuq.engine.step import build_criterion, training_step
 from iuq.models.build import build_model
 from iuq.models.config import ModelConfig
 
@@ -57,19 +57,18 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     generate(root, SynthConfig(images=args.images * 4, size=args.size, seed=0, **synth))
     ds = CocoInstances(root / "annotations" / "instances_train.json", root / "train")
-    arms = {}
+    arms, memory = {}, None
     for name, cfg in {
         "baseline": IUQConfig(inter=False, equi=True, equi_variant="augmentation"),
         "iuq": iuq_cfg,
     }.items():
         torch.manual_seed(0)
         model = build_model(model_cfg).to(device)
-        crit = IUQCriterion(
-            cfg, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight, model.equi_upsample
-        ).to(device)
+        crit = build_criterion(cfg, model).to(device)
         if crit.memory is not None:  # a full memory, as in steady-state training
             crit.memory.embeddings.normal_()
-            crit.memory.count.fill_(args.memory)
+            crit.memory.count.fill_(crit.memory.capacity)
+            memory = crit.memory
         arms[name] = (model, crit, torch.optim.AdamW(model.parameters(), lr=1e-4), [])
     batches = len(ds) // args.images
     for step in range(args.steps + 2):
@@ -94,7 +93,9 @@ def main() -> None:
     med = {name: statistics.median(arm[3]) for name, arm in arms.items()}
     for name, t in med.items():
         print(f"{name:8s} median step {t * 1000:.1f} ms over {args.steps} steps")
-    print(f"batch {args.images} x 2 views, {args.size} px, memory {args.memory}, device {device}")
+    entries = f"{memory.capacity} x {memory.dim}" if memory is not None else "none"
+    size = memory.embeddings.nbytes / 2**20 if memory is not None else 0.0
+    print(f"batch {args.images} x 2 views, {args.size} px, memory {entries} ({size:.1f} MiB), device {device}")
     print(f"iuq/baseline step time: {med['iuq'] / med['baseline']:.3f}")
 
 

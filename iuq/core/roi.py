@@ -154,7 +154,8 @@ def roi_inter_scene_loss(
 
     queries [N, d] (with grad), query_ids [N] source image ids, query_labels [N] classes; rois
     [R, C, S, S] pooled features of other instances, roi_ids [R]. Pairs are decoded `chunk_pairs` at
-    a time under activation checkpointing (the decoder's parameters get their gradient too).
+    a time, under activation checkpointing when there is more than one chunk (the decoder's
+    parameters get their gradient too).
     """
     q_idx, r_idx = roi_pairs(query_ids, roi_ids, per_query, generator)
     zero = queries.sum() * 0
@@ -169,7 +170,10 @@ def roi_inter_scene_loss(
     for start in range(0, q_idx.numel(), chunk_pairs):
         qi, ri = q_idx[start : start + chunk_pairs], r_idx[start : start + chunk_pairs]
         feats = rois[ri.to(rois.device)].to(queries.dtype)
-        part = checkpoint(chunk_loss, queries[qi], feats, query_labels[qi], use_reentrant=False)
+        if q_idx.numel() <= chunk_pairs:  # one chunk: nothing to save by recomputing it
+            part = chunk_loss(queries[qi], feats, query_labels[qi])
+        else:
+            part = checkpoint(chunk_loss, queries[qi], feats, query_labels[qi], use_reentrant=False)
         total = total + part
         count += qi.numel()
     return total / (count * decoder.mask_size**2)

@@ -17,9 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from iuq.config import ConfigError, RunConfig, from_dict
-from iuq.core.criterion import IUQCriterion
-from iuq.core.roi_criterion import RoIIUQCriterion
-from iuq.engine.step import check_finite, training_step
+from iuq.engine.step import build_criterion, check_finite, training_step
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, evaluate_results
 from iuq.models.build import build_model
 from iuq.models.interface import batch_instances
@@ -66,12 +64,7 @@ class IUQModule(L.LightningModule):
         self.criterion = None
         if iuq.inter or iuq.equi:
             m = self.model
-            if getattr(m, "decoder_kind", "pixel") == "roi":  # masks from RoI features (iuq.core.roi)
-                self.criterion = RoIIUQCriterion(iuq, m.decoder, m.pixel_dim, m.roi_size, m.mask_loss, m.mask_loss_weight)
-            else:
-                self.criterion = IUQCriterion(
-                    iuq, m.decoder, m.pixel_dim, m.mask_loss, m.mask_loss_weight, mask_upsample=m.equi_upsample
-                )
+            self.criterion = build_criterion(iuq, m)
             # The memory (100 MB-1 GB) is kept equal on all ranks by its own all-gather, the running
             # mean by its all-reduce: DDP must not re-broadcast them from rank 0 before every forward.
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(

@@ -54,6 +54,16 @@ def check_finite(terms: dict[str, torch.Tensor], step: int, advice: str = "") ->
     )
 
 
+def build_criterion(cfg: IUQConfig, model) -> IUQCriterion:
+    """The criterion for `model`'s decoder kind: pixel decoders (`IUQCriterion`) or an RoI mask head
+    (`RoIIUQCriterion`, a model with `decoder_kind = "roi"`)."""
+    if getattr(model, "decoder_kind", "pixel") == "roi":
+        return RoIIUQCriterion(cfg, model.decoder, model.pixel_dim, model.roi_size, model.mask_loss,
+                               model.mask_loss_weight)  # fmt: skip
+    return IUQCriterion(cfg, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight,
+                        mask_upsample=model.equi_upsample)  # fmt: skip
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # weighted total to backpropagate

@@ -8,7 +8,7 @@ from iuq.models.backbones import EFFICIENTNET_LITE
 from iuq.models.condinst import CondInstConfig
 from iuq.models.dense import IMAGENET_MEAN, IMAGENET_STD
 from iuq.models.pyramid import TORCHVISION_RESNETS
-from iuq.models.queryinst import QueryInstConfig
+from iuq.models.queryinst_parts import QueryInstConfig
 from iuq.models.solov2 import SOLOv2Config
 from iuq.models.sotr import SOTRConfig
 

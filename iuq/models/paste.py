@@ -91,7 +91,10 @@ def pasted_logits(pred: dict, size: tuple[int, int] | None = None, budget: int |
     boxes = pred.get("mask_boxes")
     for start in range(0, logits.shape[0], step):
         if boxes is not None:
-            yield start, roi_masks_to_image(logits[start : start + step], boxes[start : start + step], pred["size"], size)
+            yield (
+                start,
+                roi_masks_to_image(logits[start : start + step], boxes[start : start + step], pred["size"], size),
+            )
         else:
             yield start, masks_to_image(logits[start : start + step], pred["stride"], pred["size"], size)
 

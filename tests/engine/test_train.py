@@ -235,6 +235,19 @@ def test_shipped_configs_validate():
             coco = load_config(ROOT / "configs" / f"{kind}_coco_r50_1x.yaml")
             assert coco.data.batch_size * 8 == 16 and coco.train.max_epochs == 12
         assert coco.model.backbone == "resnet50" and coco.train.optimizer == "sgd" and coco.train.lr == 0.01
+    for data in ("demo", "nuclei24"):  # QueryInst: the same pairing
+        run = load_config(ROOT / "configs" / f"queryinst_{data}.yaml")
+        base = load_config(ROOT / "configs" / f"queryinst_{data}_baseline.yaml")
+        assert run.model.type == base.model.type == "queryinst" and run.iuq.inter and not base.iuq.equi
+        assert run.model == base.model and run.data == base.data and run.train == base.train
+    coco = load_config(ROOT / "configs" / "queryinst_coco_r50_1x.yaml")  # mmdetection's R50 1x recipe
+    q = coco.model.queryinst
+    assert (q.proposals, q.stages, q.fpn_channels, q.dynamic_channels, q.ffn_dim, q.mask_convs) == (100, 6, 256, 64,
+                                                                                                     2048, 4)
+    assert coco.data.batch_size * 8 == 16 and coco.train.max_steps == 90_000 and coco.train.optimizer == "adamw"
+    assert (coco.train.lr, coco.train.weight_decay, coco.train.backbone_lr_mult, coco.train.grad_clip) == (
+        1e-4, 1e-4, 0.1, 0.1)
+    assert [round(f * 12) for f in coco.train.step_milestones] == [8, 11]
     lvis = load_config(ROOT / "configs" / "solov2_lvis_r50_1x.yaml")
     assert (lvis.eval.metric, lvis.eval.max_dets, lvis.data.repeat_factor_threshold) == ("lvis", 300, 0.001)
     assert lvis.model.type == "solov2" and lvis.train.max_epochs == 12 and lvis.data.batch_size * 8 == 16

@@ -9,11 +9,9 @@ import torch
 
 from iuq.cli import main
 from iuq.config import load_config
-from iuq.core.criterion import IUQCriterion
-from iuq.core.roi_criterion import RoIIUQCriterion
 from iuq.core.sampling import grid_xy
 from iuq.engine.inference import load_trained, save_model_dir
-from iuq.engine.step import training_step
+from iuq.engine.step import build_criterion, training_step
 from iuq.engine.train import train
 from iuq.models.build import SPECS, build_model
 from iuq.models.interface import SegmenterOutput, batch_instances, matched
@@ -22,15 +20,6 @@ from tests.engine.test_train import tiny_data, tiny_overrides  # noqa: F401 (fix
 from tests.models.test_dense_training import HEADS, batch
 
 MODELS = sorted(SPECS)
-
-
-def criterion_for(cfg, model):
-    """The criterion the engine builds for `model` (`iuq.engine.module`)."""
-    if getattr(model, "decoder_kind", "pixel") == "roi":
-        return RoIIUQCriterion(cfg.iuq, model.decoder, model.pixel_dim, model.roi_size, model.mask_loss,
-                               model.mask_loss_weight)  # fmt: skip
-    return IUQCriterion(cfg.iuq, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight,
-                        model.equi_upsample)  # fmt: skip
 
 
 def tiny(kind: str, *extra: str):
@@ -96,7 +85,7 @@ def test_a_train_step_with_and_without_iuq(kind, with_iuq):
     cfg, model = tiny(kind)
     criterion = None
     if with_iuq:
-        criterion = criterion_for(cfg, model)
+        criterion = build_criterion(cfg.iuq, model)
     images, pixel_mask, targets = batch()
     result = training_step(model, criterion, images, pixel_mask, targets, torch.tensor([0, 1]),
                            torch.Generator().manual_seed(0), cfg=cfg.iuq)  # fmt: skip

@@ -14,7 +14,7 @@ from iuq.core.transforms import hflip
 from iuq.engine.step import training_step
 from iuq.models.build import build_model
 from iuq.models.paste import paste_masks, roi_masks_to_image
-from iuq.models.queryinst import (
+from iuq.models.queryinst_parts import (
     DIIHead,
     DynamicConv,
     DynamicMaskHead,
@@ -45,8 +45,12 @@ def test_box_deltas_decode_as_mmdetection():
 
 def test_match_cost_by_hand():
     cfg = QueryInstConfig()
-    cost = match_cost(torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([1]),
-                      torch.tensor([[0.0, 0.0, 10.0, 20.0]]), torch.tensor([100.0, 100.0, 100.0, 100.0]), cfg)  # fmt: skip
+    box, gt, whwh = (
+        torch.tensor([[0.0, 0.0, 10.0, 10.0]]),
+        torch.tensor([[0.0, 0.0, 10.0, 20.0]]),
+        torch.full((4,), 100.0),
+    )
+    cost = match_cost(torch.zeros(1, 3), box, torch.tensor([1]), gt, whwh, cfg)
     # p = 0.5: focal pos 0.25 * 0.25 * log 2, neg 0.75 * 0.25 * log 2; L1 0.1; IoU = GIoU = 0.5.
     by_hand = 2 * (0.0625 - 0.1875) * math.log(2) + 5 * 0.1 - 2 * 0.5
     assert float(cost[0, 0]) == pytest.approx(by_hand, abs=1e-6)
