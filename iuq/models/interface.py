@@ -72,6 +72,9 @@ class BaseSegmenter(Protocol):
         query_xy [Q, 4] | None) -> logits [Q, P]`. It has no parameters of its own: L_inter's chunked
         path computes the queries' gradient only (`iuq.core.inter_scene` refuses a decoder with
         parameters).
+    An RoI-based model (QueryInst) sets `decoder_kind = "roi"`: its decoder is an
+        `iuq.core.roi.RoIDecoder` on pooled RoI features, and `engine.step.build_criterion` pairs it
+        with `RoIIUQCriterion` (docs/design.md, "RoI mask heads").
     mask_loss_weight: the weight of the model's own mask loss (L_inter's `inter_scale: mask_weight`,
         L_equi's `equi_weight_base: unit`). equi_upsample: how many times finer than the pixel
         embeddings the base mask loss is taken (L_equi is supervised on that grid).
