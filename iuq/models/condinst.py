@@ -250,7 +250,7 @@ class CondInst(DenseSegmenter):
 
     query_key = "params"  # each location's 169 dynamic parameters
 
-    def _assign(self, heads: dict, i: int, target: dict) -> Assignment:
+    def _assign(self, heads: dict, target: dict) -> Assignment:
         """FCOS's assignment of one image; at most `max_proposals` positives, drawn with the global RNG
         (seeded per step by the engine)."""
         boxes = target["boxes"].to(heads["xy"].device, torch.float32)

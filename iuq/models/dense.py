@@ -6,7 +6,7 @@ parameters of a mask decoder; the locations assigned to an instance are its matc
 is the assignment, not a Hungarian matching). The forward is the same for all of them:
 
     heads = model._heads(images, pixel_mask)             # the model's raw outputs, per location
-    per image: model._assign(heads, i, target)           # positives, their instances (sigma)
+    per image: model._assign(heads, target)              # positives, their instances (sigma)
     queries = the positives' rows of heads[model.query_key]
     per view: model._losses(heads, targets, assignments, queries, part)
 """
@@ -109,7 +109,7 @@ class DenseSegmenter(nn.Module):
 
     A subclass provides `_heads(images, pixel_mask)` -> a dict holding `mask_feats` (the pixel
     embeddings [N, D, h, w]) and, under `query_key`, every location's query [N, L, d];
-    `_assign(heads, i, target)` -> `Assignment`; and `_losses(heads, targets, assignments, queries,
+    `_assign(heads, target)` -> `Assignment`; and `_losses(heads, targets, assignments, queries,
     part)` -> the unweighted base-loss terms of the images `part` of one view."""
 
     stride: int  # of the pixel embeddings
@@ -140,7 +140,7 @@ class DenseSegmenter(nn.Module):
             return SegmenterOutput(None, {}, None, mask_feats, self.stride, head=heads)
         view_loss = tuple(view_loss) if view_loss is not None else (True,) * views
         table = heads[self.query_key]  # [N, L, d]
-        assignments = [self._assign(heads, i, t) for i, t in enumerate(targets)]
+        assignments = [self._assign(heads, t) for t in targets]
         rows = torch.cat([i * table.shape[1] + a.positives for i, a in enumerate(assignments)])
         query_states = table.reshape(-1, table.shape[-1])[rows]  # [sum Q_i, d]
         queries = list(query_states.split([a.positives.numel() for a in assignments]))

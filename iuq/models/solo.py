@@ -239,7 +239,7 @@ class SOLOFamily(DenseSegmenter):
 
     query_key = "kernels"  # each cell's 1x1 mask kernel
 
-    def _assign(self, heads: dict, i: int, target: dict) -> Assignment:
+    def _assign(self, heads: dict, target: dict) -> Assignment:
         """`solo_targets` of one image on the canvas of the batch."""
         boxes = target["boxes"].to(heads["kernels"].device, torch.float32)
         canvas = heads["canvas"]
