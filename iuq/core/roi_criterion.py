@@ -27,8 +27,8 @@ from iuq.core.transforms import BatchTransform
 class RoIIUQCriterion(IUQCriterion):
     """Args:
     cfg: the method's settings (`roi_*` keys size the memory and the pairs; `inter_center`,
-        `inter_batch_grad`, `query_reduction: instance` and `equi_variant` other than "full" are
-        pixel-decoder readings and are refused).
+        `inter_batch_grad`, `query_reduction: instance` and `equi_variant: feature` are pixel-decoder
+        readings and are refused; `equi_variant: augmentation` keeps the g-views with no L_equi).
     decoder: the model's mask head as an `RoIDecoder` (parameters are the model's).
     channels, roi_size: C and S of the pooled RoI features [C, S, S].
     mask_loss, mask_loss_weight: as `IUQCriterion`.
@@ -47,7 +47,7 @@ class RoIIUQCriterion(IUQCriterion):
             "inter_center": cfg.inter_center,
             "inter_batch_grad": cfg.inter_batch_grad,
             "query_reduction": cfg.query_reduction != "location",
-            "equi_variant": cfg.equi_variant != "full",
+            "equi_variant": cfg.equi_variant == "feature",
         }
         bad = [k for k, v in refused.items() if v]
         if bad:
@@ -136,7 +136,7 @@ class RoIIUQCriterion(IUQCriterion):
                 q_g = q_g.detach()
             target = roi_mask_targets(torch.cat(target_masks[b:]), boxes_g, self.decoder.mask_size)
             loss = zero
-            if q_g.shape[0]:
+            if q_g.shape[0] and c.equi_variant == "full":
                 logits = self.decoder(q_g, feats, torch.cat(query_labels[b:]).to(device), reference_bn=False)
                 loss = zero + self.mask_loss(logits, target, num_masks)
             terms["loss_equi"] = loss

@@ -11,7 +11,7 @@ from iuq.config import load_config
 from iuq.core.roi import roi_mask_targets
 from iuq.core.roi_criterion import RoIIUQCriterion
 from iuq.core.transforms import hflip
-from iuq.engine.step import training_step
+from iuq.engine.step import build_criterion, training_step
 from iuq.models.build import build_model
 from iuq.models.paste import paste_masks, roi_masks_to_image
 from iuq.models.queryinst_parts import (
@@ -184,3 +184,18 @@ def test_one_iuq_step_trains_the_mask_head_through_both_terms():
         grads = torch.autograd.grad(result.terms[name], [head.interact.generate.weight, head.logits.weight],
                                     retain_graph=True)  # fmt: skip
         assert all(g.abs().sum() > 0 for g in grads), name
+
+
+def test_pixel_readings_are_refused_and_augmentation_keeps_the_views_without_a_term():
+    cfg, model = tiny()
+    for key, value in (("inter_center", True), ("query_reduction", "instance"), ("equi_variant", "feature")):
+        bad = cfg.iuq.__class__(**{**cfg.iuq.to_dict(), key: value})
+        with pytest.raises(ValueError, match=rf"iuq\.{key}: a reading of the pixel decoders"):
+            build_criterion(bad, model)
+    aug = build_criterion(cfg.iuq.__class__(**{**cfg.iuq.to_dict(), "inter": False, "equi_variant": "augmentation"}),
+                          model)  # fmt: skip
+    images, pixel_mask, targets = batch()
+    result = training_step(model, aug, images, pixel_mask, targets, torch.tensor([0, 1]),
+                           torch.Generator().manual_seed(0))  # fmt: skip
+    assert result.terms["loss_equi"] == 0 and result.terms["loss_equi"].requires_grad
+    assert result.g is not None  # the g-views are there
