@@ -25,7 +25,8 @@ Deviations from mmdetection's QueryInst, each deliberate:
 - Masks are pasted into the image by sampling the 28 x 28 probabilities bilinearly at each output
   pixel (`iuq.models.paste`), as mmdetection's `_do_paste_mask` does, at the original image size.
 - The losses' normaliser (matched proposals, averaged over ranks) is taken per view of IUQ's batch;
-  with IUQ off there is one view and it is mmdetection's.
+  with IUQ off there is one view and it is mmdetection's. It is at least 1, so a batch with no
+  instance gives the classification loss's sum, where mmdetection divides by ~0.
 """
 
 from __future__ import annotations
