@@ -118,9 +118,11 @@ class QueryInst(nn.Module):
     def checkpoint_extras(self) -> dict:
         return {}
 
-    def decode_masks(self, attn_feats: torch.Tensor, roi_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The last stage's mask logits [n, M, M] on each query's class channel (train-mode BatchNorm)."""
-        logits = self.stages[-1].mask_head(attn_feats, roi_feats)
+    def decode_masks(
+        self, attn_feats: torch.Tensor, roi_feats: torch.Tensor, labels: torch.Tensor, stage: int = -1
+    ) -> torch.Tensor:
+        """Stage `stage`'s mask logits [n, M, M] on each query's class channel (BatchNorm as in training)."""
+        logits = self.stages[stage].mask_head(attn_feats, roi_feats)  # [n, K, M, M]
         return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
 
     # -- forward ---------------------------------------------------------------------------------
@@ -224,7 +226,7 @@ class QueryInst(nn.Module):
                                zip(part, rows, strict=True)])  # fmt: skip
             target = roi_mask_targets(masks, mask_boxes, 2 * c.mask_pool)
             if labels.numel():
-                terms["loss_mask"] = self.mask_loss(self.decode_masks(attn_pos, feats, labels), target, num)
+                terms["loss_mask"] = self.mask_loss(self.decode_masks(attn_pos, feats, labels, s), target, num)
             else:  # keeps every parameter in the graph
                 terms["loss_mask"] = attn_pos.sum() * 0 + sum(
                     p.sum() * 0 for p in self.stages[s].mask_head.parameters()

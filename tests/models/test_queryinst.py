@@ -199,3 +199,17 @@ def test_pixel_readings_are_refused_and_augmentation_keeps_the_views_without_a_t
                            torch.Generator().manual_seed(0))  # fmt: skip
     assert result.terms["loss_equi"] == 0 and result.terms["loss_equi"].requires_grad
     assert result.g is not None  # the g-views are there
+
+
+def test_every_stage_trains_its_own_heads():
+    """The base loss of stage s decodes with stage s's mask head (each head gets its gradient)."""
+    cfg, model = tiny()
+    images, pixel_mask, targets = batch()
+    model(images, pixel_mask, targets).loss.backward()
+    for stage in model.stages:
+        for layer in (
+            stage.mask_head.logits.weight,
+            stage.mask_head.interact.generate.weight,
+            stage.box_head.cls_out.weight,
+        ):
+            assert layer.grad is not None and layer.grad.abs().sum() > 0
