@@ -102,12 +102,12 @@ class RoIIUQCriterion(IUQCriterion):
         s = self.roi_size
         counts = [int(x.shape[0]) for x in gt_boxes]
         index = torch.repeat_interleave(torch.arange(b, device=device), torch.tensor(counts, device=device))
-        boxes = torch.cat([x.to(device, torch.float32) for x in gt_boxes]) if b else torch.zeros(0, 4, device=device)
+        boxes = torch.cat([x.to(device, torch.float32).reshape(-1, 4) for x in gt_boxes])  # [R, 4]
         canvas = (levels[0].shape[-2] * strides[0], levels[0].shape[-1] * strides[0])
         with torch.no_grad():  # the memory holds constants
             rois = pool_rois(originals, strides, boxes, index, s)  # [R, C, S, S]
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2 / boxes.new_tensor([canvas[1], canvas[0]])
-        labels = torch.cat([x.to(device, torch.int64) for x in gt_labels]) if b else index
+        labels = torch.cat([x.to(device, torch.int64) for x in gt_labels])
         samples = PixelSamples(rois.flatten(1), centres, image_ids[index], labels)
         zero = sum(lv.sum() * 0 for lv in levels) + sum(q.sum() * 0 for q in queries)
         terms = {}
