@@ -70,6 +70,8 @@ class IUQConfig:
         uniformly from the batch and the memory (null: all of them). Each pair is a pass of the mask
         head, so the CPU demo draws a few; the expectation of L_inter is unchanged.
     roi_chunk_pairs: RoI mask heads: (query, RoI) pairs decoded at once (checkpointed chunks).
+    roi_stages: RoI mask heads with stages (QueryInst): "last" (q_n and the decoder are the last
+        stage's) or "all" (every stage's matched proposals, each decoded by its own stage's mask head).
     """
 
     inter: bool = True
@@ -107,6 +109,7 @@ class IUQConfig:
     roi_memory_capacity: int = 1000
     roi_negatives: int | None = None
     roi_chunk_pairs: int = 256
+    roi_stages: str = "last"
 
     def __post_init__(self) -> None:
         choices = {
@@ -121,6 +124,7 @@ class IUQConfig:
             "query_reduction": ("location", "instance"),
             "equi_weight_base": ("weighted", "unit"),
             "equi_stopgrad": ("none", "features", "queries"),
+            "roi_stages": ("last", "all"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -148,6 +148,7 @@ def roi_inter_scene_loss(
     chunk_pairs: int = 256,
     per_query: int | None = None,
     generator: torch.Generator | None = None,
+    query_stages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 5 for an RoI mask head: the mean over pairs (q_n, RoI of another image) and over the M x M
     output pixels of q_n's class channel of the loss toward 0.
@@ -155,33 +156,36 @@ def roi_inter_scene_loss(
     queries [N, d] (with grad), query_ids [N] source image ids, query_labels [N] classes; rois
     [R, C, S, S] pooled features of other instances, roi_ids [R]. Pairs are decoded `chunk_pairs` at
     a time, under activation checkpointing when there is more than one chunk (the decoder's
-    parameters get their gradient too).
+    parameters get their gradient too). query_stages [N]: the stage whose head decodes each query
+    (a decoder with stages; None: its default head).
     """
     q_idx, r_idx = roi_pairs(query_ids, roi_ids, per_query, generator)
     zero = queries.sum() * 0
     if q_idx.numel() == 0:
         return zero
 
-    def chunk_loss(q: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = decoder(q, feats, labels)  # [n, M, M]
+    def chunk_loss(q: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, stages) -> torch.Tensor:
+        logits = decoder(q, feats, labels) if stages is None else decoder(q, feats, labels, stages=stages)  # [n, M, M]
         return elementwise_toward_zero(logits.float(), loss, alpha, gamma).sum()
 
     total, count = zero, 0
     for start in range(0, q_idx.numel(), chunk_pairs):
         qi, ri = q_idx[start : start + chunk_pairs], r_idx[start : start + chunk_pairs]
         feats = rois[ri.to(rois.device)].to(queries.dtype)
+        stages = None if query_stages is None else query_stages[qi]
         if q_idx.numel() <= chunk_pairs:  # one chunk: nothing to save by recomputing it
-            part = chunk_loss(queries[qi], feats, query_labels[qi])
+            part = chunk_loss(queries[qi], feats, query_labels[qi], stages)
         else:
-            part = checkpoint(chunk_loss, queries[qi], feats, query_labels[qi], use_reentrant=False)
+            part = checkpoint(chunk_loss, queries[qi], feats, query_labels[qi], stages, use_reentrant=False)
         total = total + part
         count += qi.numel()
     return total / (count * decoder.mask_size**2)
 
 
 def roi_inter_scene_loss_naive(queries, query_ids, query_labels, rois, roi_ids, decoder, loss="focal",
-                               alpha=0.25, gamma=2.0) -> torch.Tensor:  # fmt: skip
+                               alpha=0.25, gamma=2.0, query_stages=None) -> torch.Tensor:  # fmt: skip
     """Every pair at once with plain autograd: the reference the chunked loss is tested against."""
     q, r = (query_ids[:, None] != roi_ids[None, :]).nonzero(as_tuple=True)
-    logits = decoder(queries[q], rois[r].to(queries.dtype), query_labels[q])
+    extra = {} if query_stages is None else {"stages": query_stages[q]}
+    logits = decoder(queries[q], rois[r].to(queries.dtype), query_labels[q], **extra)
     return elementwise_toward_zero(logits.float(), loss, alpha, gamma).mean()

@@ -78,6 +78,7 @@ class RoIIUQCriterion(IUQCriterion):
         g: BatchTransform | None = None,
         num_masks: float | None = None,
         generator: torch.Generator | None = None,
+        query_stages: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, torch.Tensor], PixelSamples]:
         """L_inter and L_equi of one batch (unweighted) and the RoIs to enqueue afterwards.
 
@@ -91,6 +92,8 @@ class RoIIUQCriterion(IUQCriterion):
             gt_boxes, gt_labels: B tensors [K_i, 4] and [K_i], every instance of the original views.
             image_ids: [B] source image ids.
             g: the g-views' transforms (L_equi). num_masks: L_equi's normaliser.
+            query_stages: V*B tensors [Q_i], the stage whose mask head decodes each query (None:
+                the decoder's default head).
         """
         b = len(gt_boxes)
         views = levels[0].shape[0] // max(b, 1)
@@ -116,12 +119,13 @@ class RoIIUQCriterion(IUQCriterion):
             q_all, q_ids = self.inter_queries(queries, image_ids)
             n_views = b if c.inter_views == "original" else len(queries)
             q_labels = torch.cat(query_labels[:n_views]).to(device)
+            q_stages = None if query_stages is None else torch.cat(query_stages[:n_views]).to(device)
             negatives = inter_scene_negatives(samples, self.memory, c.inter_mode)
             feats = negatives.embeddings.view(-1, self.channels, s, s)
             terms["loss_inter"] = zero + roi_inter_scene_loss(
                 q_all, q_ids, q_labels, feats, negatives.image_ids, self.decoder, loss=c.inter_loss,
                 alpha=c.focal_alpha, gamma=c.focal_gamma, chunk_pairs=c.roi_chunk_pairs, per_query=c.roi_negatives,
-                generator=generator,
+                generator=generator, query_stages=q_stages,
             )  # fmt: skip
         if c.equi:
             if views != 2 or g is None:
@@ -137,7 +141,8 @@ class RoIIUQCriterion(IUQCriterion):
             target = roi_mask_targets(torch.cat(target_masks[b:]), boxes_g, self.decoder.mask_size)
             loss = zero
             if q_g.shape[0] and c.equi_variant == "full":
-                logits = self.decoder(q_g, feats, torch.cat(query_labels[b:]).to(device), reference_bn=False)
+                extra = {} if query_stages is None else {"stages": torch.cat(query_stages[b:]).to(device)}
+                logits = self.decoder(q_g, feats, torch.cat(query_labels[b:]).to(device), reference_bn=False, **extra)
                 loss = zero + self.mask_loss(logits, target, num_masks)
             terms["loss_equi"] = loss
         return terms, samples

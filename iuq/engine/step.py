@@ -161,10 +161,15 @@ def training_step(
         queries, masks, labels = matched(out, all_targets)
         num_masks = model.equi_normaliser(queries[b:], all_targets[b:]) if g is not None else None
         if isinstance(criterion, RoIIUQCriterion):  # masks decoded from RoI features (QueryInst)
+            # Every stage matches the same number of instances, so the last stage's normaliser makes
+            # "all" stages' L_equi the sum of per-stage losses, as the base loss sums them.
+            r_queries, r_instances, r_boxes, r_stages = model.roi_queries(out, cfg.roi_stages == "all")
+            r_masks = [t["masks"][k.to(t["masks"].device)] for t, k in zip(all_targets, r_instances, strict=True)]
+            r_labels = [t["labels"][k.to(t["labels"].device)] for t, k in zip(all_targets, r_instances, strict=True)]
             iuq_terms, samples = criterion(
-                out.head["levels"], list(model.strides), queries, labels, out.head["query_boxes"], masks,
+                out.head["levels"], list(model.strides), r_queries, r_labels, r_boxes, r_masks,
                 [t["boxes"] for t in targets], [t["labels"] for t in targets], image_ids, g=g, num_masks=num_masks,
-                generator=sample_generator,
+                generator=sample_generator, query_stages=r_stages,
             )  # fmt: skip
         else:
             valid_g = None

@@ -58,9 +58,20 @@ class ClassChannelDecoder(nn.Module):
         self._model = [model]  # not a submodule: the parameters stay the model's
         self.mask_size = 2 * model.cfg.mask_pool
 
-    def forward(self, queries, feats, labels, reference_bn: bool = True) -> torch.Tensor:
-        logits = self._model[0].stages[-1].mask_head(queries, feats, reference_bn=reference_bn)  # [n, K, M, M]
-        return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
+    def forward(self, queries, feats, labels, reference_bn: bool = True, stages=None) -> torch.Tensor:
+        """`stages` [n]: the stage whose mask head decodes each query (default: the last)."""
+        heads = self._model[0].stages
+        if stages is None:
+            logits = heads[-1].mask_head(queries, feats, reference_bn=reference_bn)  # [n, K, M, M]
+            return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
+        out = queries.new_zeros((queries.shape[0], self.mask_size, self.mask_size))
+        for s in stages.unique().tolist():
+            at = (stages == s).nonzero()[:, 0]
+            logits = heads[s].mask_head(queries[at], feats[at], reference_bn=reference_bn)
+            out = out.index_put(
+                (at,), logits[torch.arange(at.numel(), device=logits.device), labels[at].to(logits.device)]
+            )
+        return out
 
 
 class QueryInst(nn.Module):
@@ -124,6 +135,22 @@ class QueryInst(nn.Module):
         """Stage `stage`'s mask logits [n, M, M] on each query's class channel (BatchNorm as in training)."""
         logits = self.stages[stage].mask_head(attn_feats, roi_feats)  # [n, K, M, M]
         return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
+
+    def roi_queries(self, output: SegmenterOutput, all_stages: bool = False):
+        """Per view-image: the matched queries [Q_i, C], their instances [Q_i], the boxes their masks
+        were decoded on [Q_i, 4] and their stages [Q_i] (None: the last stage's, the contract's own)
+        or every stage's, stage after stage (`iuq.roi_stages: all`)."""
+        h = output.head
+        if not all_stages:
+            return output.queries, output.instances, h["query_boxes"], None
+        per_image = list(zip(*h["matches"], strict=True))  # [image][stage] (proposals, instances)
+        queries, instances, boxes, stages = [], [], [], []
+        for i, rows in enumerate(per_image):
+            queries.append(torch.cat([h["attn"][s][i, p] for s, (p, _) in enumerate(rows)]))
+            instances.append(torch.cat([k for _, k in rows]))
+            boxes.append(torch.cat([h["boxes"][s][i, p].detach() for s, (p, _) in enumerate(rows)]))
+            stages.append(torch.cat([torch.full_like(p, s) for s, (p, _) in enumerate(rows)]))
+        return queries, instances, boxes, stages
 
     # -- forward ---------------------------------------------------------------------------------
     def _image_sizes(self, images: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
@@ -192,6 +219,7 @@ class QueryInst(nn.Module):
         attn = heads["attn"][-1]
         queries = [attn[i, m[0]] for i, m in enumerate(last)]  # [Q_i, C]
         heads["query_boxes"] = [heads["boxes"][-1][i, m[0]].detach() for i, m in enumerate(last)]
+        heads["matches"] = matches
         query_states = attn.reshape(-1, attn.shape[-1])
         return SegmenterOutput(loss, terms, losses, p2, self.stride, queries, [m[1] for m in last], query_states,
                                head=heads)  # fmt: skip

@@ -58,6 +58,7 @@ LATER_KEYS = (
     ("iuq", "roi_memory_capacity", 1000),
     ("iuq", "roi_negatives", None),
     ("iuq", "roi_chunk_pairs", 256),
+    ("iuq", "roi_stages", "last"),
 )
 # The head sections of model types added later: they do not change a run of another model type.
 LATER_MODEL_SECTIONS = ("sotr", "queryinst")

@@ -165,3 +165,42 @@ def test_inter_scene_without_other_images_is_a_zero_with_a_graph():
     value = roi_inter_scene_loss(q, torch.tensor([1, 1]), torch.tensor([0, 0]), torch.randn(3, 4, 5, 5),
                                  torch.tensor([1, 1, 1]), head)  # fmt: skip
     assert value == 0 and value.requires_grad
+
+
+class TwoStageHead(torch.nn.Module):
+    """Two `TinyHead`s, each query decoded by its stage's (a decoder with `stages`)."""
+
+    mask_size = 5
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleList([TinyHead(), TinyHead()])
+
+    def forward(self, q, feats, labels, reference_bn=True, stages=None):
+        stages = torch.ones_like(labels) if stages is None else stages
+        out = torch.zeros(q.shape[0], 5, 5)
+        for s in (0, 1):
+            at = (stages == s).nonzero()[:, 0]
+            out = out.index_put((at,), self.heads[s](q[at], feats[at], labels[at], reference_bn))
+        return out
+
+
+def test_chunked_inter_scene_with_stages_equals_plain_autograd():
+    torch.manual_seed(4)
+    head = TwoStageHead()
+    q = torch.randn(4, 4, requires_grad=True)
+    q_ids, q_labels, stages = torch.tensor([0, 0, 1, 1]), torch.tensor([2, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    rois, r_ids = torch.randn(5, 4, 5, 5), torch.tensor([0, 1, 2, 1, 0])
+    params = [q, *head.parameters()]
+    value = roi_inter_scene_loss(q, q_ids, q_labels, rois, r_ids, head, chunk_pairs=3, query_stages=stages)
+    reference = roi_inter_scene_loss_naive(q, q_ids, q_labels, rois, r_ids, head, query_stages=stages)
+    torch.testing.assert_close(value, reference, atol=1e-6, rtol=1e-5)
+    grads = torch.autograd.grad(value, params)
+    for g, r in zip(grads, torch.autograd.grad(reference, params), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-7, rtol=1e-5)
+    # Both stages' heads are trained; without stages only the default (second) one is.
+    outs = dict(zip([id(p) for p in params], grads, strict=True))
+    assert all(outs[id(h.out.weight)].abs().sum() > 0 for h in head.heads)
+    default = roi_inter_scene_loss(q, q_ids, q_labels, rois, r_ids, head)
+    first = torch.autograd.grad(default, [head.heads[0].out.weight], allow_unused=True)[0]
+    assert first is None or first.abs().sum() == 0

@@ -213,3 +213,31 @@ def test_every_stage_trains_its_own_heads():
             stage.box_head.cls_out.weight,
         ):
             assert layer.grad is not None and layer.grad.abs().sum() > 0
+
+
+def test_all_stages_reading_decodes_each_query_with_its_stage_head():
+    cfg, model = tiny("iuq.roi_stages=all")
+    criterion = build_criterion(cfg.iuq, model)
+    images, pixel_mask, targets = batch()
+    out = model(images, pixel_mask, targets)
+    queries, instances, boxes, stages = model.roi_queries(out, all_stages=True)
+    n_stages = len(model.stages)
+    assert [q.shape[0] for q in queries] == [n_stages * q.shape[0] for q in out.queries]
+    assert stages[0].tolist() == [s for s in range(n_stages) for _ in range(out.queries[0].shape[0])]
+    torch.testing.assert_close(queries[0][-out.queries[0].shape[0]:], out.queries[0])  # the last stage's block
+    # The staged decoder equals each stage's own head.
+    feats = torch.randn(queries[0].shape[0], model.pixel_dim, model.roi_size, model.roi_size)
+    labels = targets[0]["labels"][instances[0]]
+    model.eval()
+    staged = model.decoder(queries[0], feats, labels, stages=stages[0])
+    for s in range(n_stages):
+        at = stages[0] == s
+        own = model.stages[s].mask_head(queries[0][at], feats[at], reference_bn=True)
+        torch.testing.assert_close(staged[at], own[torch.arange(int(at.sum())), labels[at]])
+    model.train()
+    result = training_step(model, criterion, images, pixel_mask, targets, torch.tensor([0, 1]),
+                           torch.Generator().manual_seed(0), cfg=cfg.iuq)  # fmt: skip
+    for name in ("loss_inter", "loss_equi"):
+        grads = torch.autograd.grad(result.terms[name], [st.mask_head.logits.weight for st in model.stages],
+                                    retain_graph=True)  # fmt: skip
+        assert all(g.abs().sum() > 0 for g in grads), name
