@@ -122,3 +122,15 @@ def test_a_later_model_section_changes_the_fingerprint_of_its_own_model_type_onl
     assert fingerprint(config, ["model.solov2.head_convs=3"]) != solov2
     sotr = Path(__file__).parents[1] / "configs" / "sotr_demo.yaml"
     assert fingerprint(sotr, ["model.sotr.depth=3"]) != fingerprint(sotr, [])
+
+
+def test_curves_of_resumed_seeds_meet_on_one_grid():
+    """Seeds evaluated at shifted steps (a resumed run) are interpolated onto one grid, not dropped."""
+    from iuq.study.report import common_grid
+
+    grid, table = common_grid([[[80, 1.0], [160, 3.0], [1100, 5.0]], [[79, 2.0], [159, 4.0], [1100, 6.0]]])
+    assert grid[:3].tolist() == [80, 120, 160] and grid[-2:].tolist() == [1080, 1100]
+    assert table.shape == (2, grid.size)
+    assert table[0, :3].tolist() == [1.0, 2.0, 3.0]  # seed 0 on its own evaluations, halfway between
+    assert table[1, 0] == pytest.approx(2.0 + 2.0 * 1 / 80)  # seed 1 between its steps 79 and 159
+    assert common_grid([[[80, 1.0], [100, 2.0]], [[200, 1.0], [300, 2.0]]]) == (None, None)

@@ -107,6 +107,22 @@ def write_csv(rows: list[dict], path: Path) -> None:
                 w.writerow([r["arm"], r["n"], key, mean, half, d[0], d[1], paper])
 
 
+def common_grid(curves: list[list[list[float]]], every: int = 40):
+    """Seeds' val curves ([[step, AP], ...], evaluated at steps that differ when a run was resumed)
+    on one grid: every `every` steps over the range all of them cover, plus their last common step,
+    each curve linearly interpolated between its own evaluations. -> (grid [G], table [seeds, G]),
+    or (None, None) when they share no range."""
+    if not curves:
+        return None, None
+    lo = max(c[0][0] for c in curves)
+    hi = min(c[-1][0] for c in curves)
+    if hi < lo:
+        return None, None
+    grid = np.unique(np.append(np.arange(np.ceil(lo / every) * every, hi + 1, every), [lo, hi]))
+    table = np.array([np.interp(grid, [p[0] for p in c], [p[1] for p in c]) for c in curves])
+    return grid, table
+
+
 def plot(rows: list[dict], summaries: list[dict], out: Path, study: str) -> None:
     import matplotlib
 
@@ -130,18 +146,18 @@ def plot(rows: list[dict], summaries: list[dict], out: Path, study: str) -> None
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, r in enumerate(rows):
-        curves = [dict(map(tuple, s["val_curve"])) for s in summaries if s["arm"] == r["arm"]]
-        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        if not steps:
+        curves = [s["val_curve"] for s in summaries if s["arm"] == r["arm"] and s.get("val_curve")]
+        grid, table = common_grid(curves)
+        if table is None:
             continue
-        table = np.array([[c[s] for s in steps] for c in curves])  # [seeds, steps]
         mean = table.mean(0)
-        ax.plot(steps, mean, label=r["arm"], color=f"C{i}")
+        ax.plot(grid, mean, label=f"{r['arm']} (n={table.shape[0]})", color=f"C{i}")
         if table.shape[0] > 1:
-            ax.fill_between(steps, table.min(0), table.max(0), alpha=0.2, color=f"C{i}")
+            half = stats.t.ppf(0.975, table.shape[0] - 1) * table.std(0, ddof=1) / np.sqrt(table.shape[0])
+            ax.fill_between(grid, mean - half, mean + half, alpha=0.15, color=f"C{i}")
     ax.set_xlabel("step")
     ax.set_ylabel("val AP")
-    ax.set_title(f"{study}: mean over seeds, band = min-max")
+    ax.set_title(f"{study}: mean over seeds, band = 95% CI (t)", fontsize=9)
     if ax.lines:
         ax.legend(fontsize=7)
     else:
