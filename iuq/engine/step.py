@@ -22,7 +22,7 @@ from iuq.core.roi_criterion import RoIIUQCriterion
 from iuq.core.sampling import PixelSamples, downsample_masks
 from iuq.core.transforms import BatchTransform
 from iuq.core.views import draw_g, transformed_views
-from iuq.models.interface import matched
+from iuq.models.interface import instance_targets, matched
 
 
 class NonFiniteLossError(RuntimeError):
@@ -164,8 +164,7 @@ def training_step(
             # Every stage matches the same number of instances, so the last stage's normaliser makes
             # "all" stages' L_equi the sum of per-stage losses, as the base loss sums them.
             r_queries, r_instances, r_boxes, r_stages = model.roi_queries(out, cfg.roi_stages == "all")
-            r_masks = [t["masks"][k.to(t["masks"].device)] for t, k in zip(all_targets, r_instances, strict=True)]
-            r_labels = [t["labels"][k.to(t["labels"].device)] for t, k in zip(all_targets, r_instances, strict=True)]
+            r_masks, r_labels = instance_targets(all_targets, r_instances)
             iuq_terms, samples = criterion(
                 out.head["levels"], list(model.strides), r_queries, r_labels, r_boxes, r_masks,
                 [t["boxes"] for t in targets], [t["labels"] for t in targets], image_ids, g=g, num_masks=num_masks,

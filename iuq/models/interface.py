@@ -52,9 +52,14 @@ def matched(
     """Per view-image: the matched queries [Q_i, d], their instances' masks [Q_i, H, W] and labels [Q_i]."""
     if output.queries is None or output.instances is None:
         raise ValueError("no matching was made: run the forward with targets")
-    masks = [t["masks"][k.to(t["masks"].device)] for t, k in zip(targets, output.instances, strict=True)]
-    labels = [t["labels"][k.to(t["labels"].device)] for t, k in zip(targets, output.instances, strict=True)]
-    return output.queries, masks, labels
+    return output.queries, *instance_targets(targets, output.instances)
+
+
+def instance_targets(targets: list[dict], instances: list[torch.Tensor]) -> tuple[list, list]:
+    """Per view-image the masks [Q_i, H, W] and labels [Q_i] of the instances [Q_i] queries match."""
+    masks = [t["masks"][k.to(t["masks"].device)] for t, k in zip(targets, instances, strict=True)]
+    labels = [t["labels"][k.to(t["labels"].device)] for t, k in zip(targets, instances, strict=True)]
+    return masks, labels
 
 
 def batch_instances(model: BaseSegmenter, batch: dict, top_k: int) -> list[dict]:

@@ -47,6 +47,11 @@ from iuq.models.queryinst_parts import QueryInstConfig, Stage, decode_boxes, hun
 __all__ = ["QueryInst", "QueryInstConfig"]
 
 
+def class_channel(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-class mask logits [n, K, M, M] -> each mask's own class channel [n, M, M]."""
+    return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
+
+
 class ClassChannelDecoder(nn.Module):
     """The last stage's mask head as IUQ's RoI decoder (`iuq.core.roi.RoIDecoder`): (queries [n, C],
     RoI features [n, C, S, S], classes [n]) -> logits [n, 2S, 2S] of each query's class channel,
@@ -63,14 +68,12 @@ class ClassChannelDecoder(nn.Module):
         heads = self._model[0].stages
         if stages is None:
             logits = heads[-1].mask_head(queries, feats, reference_bn=reference_bn)  # [n, K, M, M]
-            return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
+            return class_channel(logits, labels)
         out = queries.new_zeros((queries.shape[0], self.mask_size, self.mask_size))
         for s in stages.unique().tolist():
             at = (stages == s).nonzero()[:, 0]
             logits = heads[s].mask_head(queries[at], feats[at], reference_bn=reference_bn)
-            out = out.index_put(
-                (at,), logits[torch.arange(at.numel(), device=logits.device), labels[at].to(logits.device)]
-            )
+            out = out.index_put((at,), class_channel(logits, labels[at]))
         return out
 
 
@@ -134,7 +137,7 @@ class QueryInst(nn.Module):
     ) -> torch.Tensor:
         """Stage `stage`'s mask logits [n, M, M] on each query's class channel (BatchNorm as in training)."""
         logits = self.stages[stage].mask_head(attn_feats, roi_feats)  # [n, K, M, M]
-        return logits[torch.arange(labels.shape[0], device=logits.device), labels.to(logits.device)]
+        return class_channel(logits, labels)
 
     def roi_queries(self, output: SegmenterOutput, all_stages: bool = False):
         """Per view-image: the matched queries [Q_i, C], their instances [Q_i], the boxes their masks
