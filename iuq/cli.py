@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--first-seed", type=int, default=0, help="first train.seed")
     s.add_argument("--out", required=True, type=Path, help="study folder")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every arm")
-    s.add_argument("--arms", help="comma-separated subset of the study's arms (the reference is always run)")
+    s.add_argument("--arms", help="comma-separated subset of the study's arms (the reference is always run); "
+        "a+b is arms a and b's switches together, e.g. inter_center+warmup_300")
     s.add_argument("--jobs", type=int, default=1, help="runs at a time (set train.threads to share the cores)")
     s.add_argument("--report-only", action="store_true", help="rebuild the report from DIR/summaries, run nothing")
     s.set_defaults(func=_ablate)

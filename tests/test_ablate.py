@@ -44,6 +44,20 @@ def test_every_study_has_its_reference_first_and_the_fair_augmentation():
         study_arms("nope")
 
 
+def test_readings_combine_switches_and_refuse_conflicts():
+    arms = study_arms("readings", ["inter_center", "inter_center+instance_reduction+warmup_300"])
+    assert [a.name for a in arms] == ["baseline", "inter_center", "inter_center+instance_reduction+warmup_300"]
+    combo = arms[-1].overrides
+    assert combo["iuq.inter_center"] is True and combo["iuq.query_reduction"] == "instance"
+    assert combo["iuq.warmup_steps"] == 300 and combo["iuq.inter"] is True and combo["iuq.equi"] is True
+    with pytest.raises(ValueError, match="sets iuq.equi_stopgrad to both"):
+        study_arms("readings", ["stopgrad_features+stopgrad_queries"])
+    with pytest.raises(ValueError, match="not a switch arm"):
+        study_arms("readings", ["baseline+inter_center"])  # the reference is no switch
+    with pytest.raises(ValueError, match="not a switch arm"):
+        study_arms("readings", ["inter_center+nope"])
+
+
 def test_a_small_study_runs_resumes_and_refuses_other_settings(tiny_data, tmp_path, capsys):  # noqa: F811
     config = tmp_path / "tiny.yaml"
     config.write_text("{}\n")

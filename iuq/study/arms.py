@@ -108,14 +108,32 @@ STUDIES: dict[str, list[Arm]] = {
 }
 
 
+def combined_arm(name: str, arms: list[Arm]) -> Arm:
+    """The arm "a+b+..." of a study: the switches of its arms a, b, ... applied together (the next
+    step of the readings study, after each switch was measured alone). Arms that set one key to two
+    values cannot be combined."""
+    by_name = {a.name: a for a in arms[1:]}  # the reference is what the others start from, not a switch
+    overrides: dict = {}
+    for part in name.split("+"):
+        if part not in by_name:
+            raise ValueError(f"--arms: {part!r} (in {name!r}) is not a switch arm of this study: {sorted(by_name)}")
+        for key, value in by_name[part].overrides.items():
+            if overrides.get(key, value) != value:
+                raise ValueError(f"--arms: {name!r} sets {key} to both {overrides[key]!r} and {value!r}")
+            overrides[key] = value
+    return Arm(name, overrides)
+
+
 def study_arms(name: str, only: list[str] | None = None) -> list[Arm]:
-    """The arms of study `name` (those named in `only`, in study order, the reference kept first)."""
+    """The arms of study `name` (those named in `only`, in study order, the reference kept first;
+    then the combinations "a+b" named in `only`, in its order)."""
     if name not in STUDIES:
         raise ValueError(f"--study: unknown study {name!r}; choose one of {sorted(STUDIES)}")
     arms = STUDIES[name]
     if only:
-        unknown = sorted(set(only) - {a.name for a in arms})
+        unknown = sorted(set(n for n in only if "+" not in n) - {a.name for a in arms})
         if unknown:
             raise ValueError(f"--arms: {unknown} are not arms of {name!r}: {[a.name for a in arms]}")
-        arms = [a for i, a in enumerate(arms) if i == 0 or a.name in only]
+        combos = [combined_arm(n, arms) for n in dict.fromkeys(only) if "+" in n]
+        arms = [a for i, a in enumerate(arms) if i == 0 or a.name in only] + combos
     return arms
