@@ -8,7 +8,7 @@ import pytest
 
 from iuq.cli import main
 from iuq.study.arms import STUDIES, study_arms
-from iuq.study.report import mean_ci, paired
+from iuq.study.report import late_ap, mean_ci, paired
 from tests.engine.test_train import tiny_data, tiny_overrides  # noqa: F401 (fixture)
 
 
@@ -25,6 +25,16 @@ def test_paired_difference_uses_the_common_seeds():
     mean, half, n = paired(arm, ref, "AP")
     assert n == 2 and mean == 1.5  # differences 1 and 2; seed 3 has no partner
     assert half == pytest.approx(12.706204736174698 * math.sqrt(0.5) / math.sqrt(2))
+
+
+def test_late_ap_is_the_mean_of_the_final_and_the_last_three_evaluations():
+    run = {"seed": 0, "metrics": {"AP": 20.0}, "val_curve": [[80, 1.0], [160, 10.0], [240, 14.0], [320, 18.0]]}
+    assert late_ap(run) == (10.0 + 14.0 + 18.0 + 20.0) / 4
+    assert late_ap({**run, "val_curve": [[80, 16.0]]}) == 18.0  # fewer evaluations: those there are
+    assert late_ap({**run, "val_curve": []}) == 20.0
+    ref = {"seed": 0, "metrics": {"AP": 21.0}, "val_curve": [[80, 0.0], [160, 11.0], [240, 11.0], [320, 11.0]]}
+    mean, half, n = paired([run], [ref], "late_AP")
+    assert (mean, half, n) == (15.5 - 13.5, None, 1)
 
 
 def test_every_study_has_its_reference_first_and_the_fair_augmentation():
