@@ -7,9 +7,10 @@ the batch and the external memory - and every (query, pixel) response is pushed 
 
 With Q queries and a memory of P = 100k pixels, the [Q, P] logits and the focal loss's
 intermediates would take gigabytes. `inter_scene_loss` therefore walks over pixel chunks and, in
-the same pass, computes each chunk's gradient with respect to the queries; only that gradient
-([Q, d]) is kept for backward. Peak memory is one chunk's, and no forward is ever recomputed, so
-the result equals the naive computation (values and gradients) at no extra compute.
+the same pass, computes each chunk's gradient with respect to the queries (the loss's derivative in
+closed form, autograd through the decoder only); only that gradient ([Q, d]) is kept for backward.
+Peak memory is one chunk's, and no forward is ever recomputed, so the result equals the naive
+computation (values and gradients, to rounding) at no extra compute.
 
 Pixels are constants here (detached samples and memory entries); gradients flow to the queries,
 which for a dynamic decoder are the per-query filter parameters. The decoder must have no parameters
@@ -23,7 +24,7 @@ import contextlib
 
 import torch
 
-from iuq.core.losses import elementwise_toward_zero, upcast
+from iuq.core.losses import elementwise_toward_zero, toward_zero_with_grad, upcast
 from iuq.core.memory import PixelMemory
 from iuq.core.sampling import PixelSamples
 
@@ -269,10 +270,13 @@ class _ChunkedInterScene(torch.autograd.Function):
                 xy = pixel_xy[start:stop] if pixel_xy is not None else None
                 p = upcast(pixels[start:stop]) if fp32_chunks else pixels[start:stop]
                 logits = decoder(q, p, xy, query_xy)  # [Q, p]
-                part = torch.where(valid > 0, valid * elementwise_toward_zero(logits, loss, alpha, gamma), 0).sum()
+                # The loss and its derivative in closed form; autograd only through the decoder.
+                value, slope = toward_zero_with_grad(logits.detach(), loss, alpha, gamma)  # [Q, p] each
+                part = torch.where(valid > 0, valid * value, 0).sum()
                 if needs_grad:  # inside `precision`: the backward runs under the autocast state of this call
-                    grad += torch.autograd.grad(part, q)[0]
-            total += part.detach().to(acc)
+                    slope = torch.where(valid > 0, valid * slope, 0).to(logits.dtype)
+                    grad += torch.autograd.grad(logits, q, grad_outputs=slope)[0]
+            total += part.to(acc)
             count += valid.sum()
         n = count.clamp(min=1e-12) if mean else torch.ones((), dtype=acc, device=queries.device)
         ctx.query_dtype = queries.dtype

@@ -31,9 +31,16 @@ def focal_toward_zero(logits: torch.Tensor, alpha: float, gamma: float) -> torch
     return sigmoid_focal_loss(logits, torch.zeros_like(logits), alpha=alpha, gamma=gamma, reduction="none")
 
 
+def softplus_exact(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) = binary cross-entropy of x against 0, without F.softplus's cut-over to x above
+    20 (whose derivative is then 1, not sigmoid(x)): the focal loss's own form, and one derivative
+    everywhere for the closed form of `toward_zero_with_grad`."""
+    return F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+
+
 def bce_toward_zero(logits: torch.Tensor) -> torch.Tensor:
     """logits [...] -> per-element binary cross-entropy against 0, i.e. softplus(x)."""
-    return F.softplus(upcast(logits))
+    return softplus_exact(upcast(logits))
 
 
 def l1_toward_zero(logits: torch.Tensor) -> torch.Tensor:
@@ -56,6 +63,37 @@ def elementwise_toward_zero(logits: torch.Tensor, loss: str, alpha: float = 0.1,
         return l1_toward_zero(logits)
     if loss == "l2":
         return l2_toward_zero(logits)
+    raise ValueError(f"unknown inter-scene loss {loss!r}; choose one of 'focal', 'bce', 'l1', 'l2'")
+
+
+def toward_zero_with_grad(
+    logits: torch.Tensor, loss: str, alpha: float = 0.1, gamma: float = 2.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [...] -> (per-element loss toward 0, its derivative in the logits), both [...] in fp32.
+
+    L_inter's chunks need the value and the derivative of a loss over [Q, chunk] pairs; autograd
+    through torchvision's focal loss runs about 8 forward and 15 backward element-wise passes over
+    that matrix, the closed form below 6 (a third of the time for dot-product queries on the CPU).
+    With p = sigmoid(x) and softplus(x) = -log(1 - p):
+        focal  (1 - a) p^g softplus(x)   d/dx = (1 - a) p^g (p + g (1 - p) softplus(x))
+        bce    softplus(x)               d/dx = p
+        l1     p                         d/dx = p (1 - p)
+        l2     p^2                       d/dx = 2 p^2 (1 - p)
+    The values equal `elementwise_toward_zero`'s to rounding (tested against it and its autograd).
+    """
+    x = upcast(logits)
+    p = torch.sigmoid(x)
+    if loss == "focal":
+        softplus = softplus_exact(x)
+        weight = p.pow(gamma).mul_(1 - alpha)
+        return weight * softplus, (1 - p).mul_(softplus).mul_(gamma).add_(p).mul_(weight)
+    if loss == "bce":
+        return softplus_exact(x), p
+    if loss == "l1":
+        return p, p * (1 - p)
+    if loss == "l2":
+        square = p * p
+        return square, square.mul(1 - p).mul_(2)
     raise ValueError(f"unknown inter-scene loss {loss!r}; choose one of 'focal', 'bce', 'l1', 'l2'")
 
 
