@@ -300,24 +300,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--first-seed", type=int, default=0, help="first train.seed")
     s.add_argument("--out", required=True, type=Path, help="study folder")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key in every arm")
-    s.add_argument("--arms", help="comma-separated subset of the study's arms (the reference is always run); "
-        "a+b is arms a and b's switches together, e.g. inter_center+warmup_300")
+    s.add_argument(
+        "--arms",
+        help="comma-separated subset of the study's arms (the reference is always run); "
+        "a+b is arms a and b's switches together, e.g. inter_center+warmup_300",
+    )
     s.add_argument("--jobs", type=int, default=1, help="runs at a time (set train.threads to share the cores)")
     s.add_argument("--report-only", action="store_true", help="rebuild the report from DIR/summaries, run nothing")
+    s.add_argument(
+        "--choose",
+        action="store_true",
+        help="with --report-only: apply the dev rule of "
+        "iuq/study/choice.py (scores on seeds --first-seed .. +--seeds) and write DIR/choice.md",
+    )
     s.set_defaults(func=_ablate)
     return p
 
 
 def _ablate(args) -> None:
     from iuq.config import load_config
-    from iuq.study.runner import ablate, report_only
+    from iuq.study.runner import StudyError, ablate, choose, report_only
 
     if not args.config.is_file():
         raise FileNotFoundError(f"config file {args.config} does not exist (shipped configs are in configs/)")
     load_config(args.config, args.set or [])  # a bad key fails here, before any run starts
     arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+    if args.choose and not args.report_only:
+        raise StudyError("--choose applies the dev rule to finished runs: use it with --report-only")
     if args.report_only:
         report_only(args.out, args.study, arms)
+        if args.choose:
+            seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
+            print(choose(args.out, args.study, arms, seeds), end="")
+            print(f"dev rule: {args.out / 'choice.md'}")
     else:
         ablate(args.config, args.study, args.seeds, args.out, args.set, arms, args.jobs, args.first_seed)
     print(f"study report: {args.out / 'results.md'}  (results.csv, results.json, results.png, curves.png)")

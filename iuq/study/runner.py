@@ -27,6 +27,7 @@ from pathlib import Path
 from iuq.config import load_config
 from iuq.engine.train import prepare_data
 from iuq.study.arms import Arm, study_arms
+from iuq.study.choice import ChoiceError, choice_markdown, dev_scores
 from iuq.study.report import write_report
 
 
@@ -241,8 +242,8 @@ def ablate(
     return write_report(out, study, chosen, summaries)
 
 
-def report_only(out: Path, study: str, arms: list[str] | None = None) -> dict:
-    """The report from the summaries under DIR/summaries alone (e.g. committed ones)."""
+def _committed(out: Path, study: str, arms: list[str] | None) -> tuple[list, list[dict]]:
+    """The study's arms that have summaries under DIR/summaries, and those summaries."""
     chosen = study_arms(study, arms)
     summaries = []
     for arm in chosen:
@@ -251,5 +252,25 @@ def report_only(out: Path, study: str, arms: list[str] | None = None) -> dict:
                 summaries.append(json.load(f))
     if not summaries:
         raise StudyError(f"{out / 'summaries'} holds no run summary of study {study!r}")
-    chosen = [a for a in chosen if any(s["arm"] == a.name for s in summaries)]
+    return [a for a in chosen if any(s["arm"] == a.name for s in summaries)], summaries
+
+
+def report_only(out: Path, study: str, arms: list[str] | None = None) -> dict:
+    """The report from the summaries under DIR/summaries alone (e.g. committed ones)."""
+    chosen, summaries = _committed(out, study, arms)
     return write_report(out, study, chosen, summaries)
+
+
+def choose(out: Path, study: str, arms: list[str] | None, seeds: tuple[int, ...]) -> str:
+    """The dev rule of iuq/study/choice.py applied to the committed summaries; written to DIR/choice.md."""
+    chosen, summaries = _committed(out, study, arms)
+    unfinished = [a.name for a in study_arms(study, arms) if a not in chosen]
+    if unfinished:  # an arm not run yet could be the one the rule picks
+        raise StudyError(f"{out}: no finished run of arm(s) {unfinished}; the rule compares every arm of the study")
+    try:
+        scores = dev_scores(summaries, seeds, reference=chosen[0].name)
+        text = choice_markdown(scores, {a.name: a.overrides for a in chosen})
+    except ChoiceError as e:
+        raise StudyError(f"{out}: {e}") from None
+    (out / "choice.md").write_text(text)
+    return text
