@@ -87,6 +87,7 @@ def test_a_small_study_runs_resumes_and_refuses_other_settings(tiny_data, tmp_pa
             summary = json.loads((out / "summaries" / arm / f"seed{seed}.json").read_text())
             assert summary["seed"] == seed and summary["val_curve"] and summary["s_per_step"] > 0
             assert summary["command"].startswith(f"iuq train {config}")
+            assert [r["from_step"] for r in summary["environment"]] == [0]  # one start, from scratch
     both = json.loads((out / "summaries" / "both" / "seed0.json").read_text())["logged_means"]
     assert "diag/grad_share/query/inter" in both and "train/loss_inter" in both
     md = (out / "results.md").read_text()

@@ -5,6 +5,7 @@ OUT/checkpoints/last.ckpt   model, optimiser, schedule, loop state and the IUQ m
 OUT/logs/                   metrics.csv (CSV) and TensorBoard events of every loss term
 OUT/metrics.json            final COCO mask AP on the val split (keys as `iuq eval`)
 OUT/timing.json             mean s/step of the training steps (evaluation left out)
+OUT/environment.json        code commit and library versions, one record per start (iuq.engine.provenance)
 OUT/model/                  the trained model, `save_pretrained` (loads in plain transformers)
 OUT/predictions/*.png       a few val predictions drawn over the images
 """
@@ -30,6 +31,7 @@ from iuq.engine.data import open_split, test_loader, train_loader, train_sampler
 from iuq.engine.inference import TrainedModel, evaluate, predict, save_model_dir
 from iuq.engine.interrupt import GracefulStop
 from iuq.engine.module import IUQModule
+from iuq.engine.provenance import record_start
 from iuq.engine.run_dir import ContinuingCSVLogger, RunLock, check_resume_config, checkpoint_step, ensure_writable
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, format_table, write_metrics
 from iuq.models.build import model_spec
@@ -217,6 +219,7 @@ def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks:
     trainer.fit_loop.epoch_loop.max_steps = module.total_steps
     if trainer.is_global_zero:
         save_config(cfg, out / "config.yaml")
+        record_start(out, resume_step or 0)
         device = str(trainer.strategy.root_device)
         print(run_summary(cfg, len(train_set), len(val_set) if val_set else None, device, trainer.world_size))
     trainer.fit(

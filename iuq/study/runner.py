@@ -111,6 +111,10 @@ def summarise(run_dir: Path, arm: Arm, seed: int, command: list[str], fp: str, m
     if (run_dir / "timing.json").is_file():
         with open(run_dir / "timing.json") as f:
             timing = json.load(f)
+    environment = None
+    if (run_dir / "environment.json").is_file():
+        with open(run_dir / "environment.json") as f:
+            environment = json.load(f)
     return {
         "arm": arm.name,
         "seed": seed,
@@ -122,6 +126,7 @@ def summarise(run_dir: Path, arm: Arm, seed: int, command: list[str], fp: str, m
         "overrides": arm.overrides,
         "fingerprint": fp,
         "command": " ".join(command),
+        "environment": environment,  # one record per start of the run (iuq/engine/provenance.py)
     }
 
 

@@ -2,12 +2,14 @@
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
+import iuq
 from iuq.config import ConfigError, load_config
 from iuq.engine.inference import load_checkpoint
 from iuq.engine.module import lr_factor
@@ -85,6 +87,15 @@ def test_resume_equivalence(tiny_data, tmp_path):
         train(killed, callbacks=[KillAtEpoch(1)])
     assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")["global_step"] == 2
     train(killed, resume=True)
+    # One provenance record per start: the first from step 0, the resumed one from the checkpoint's.
+    starts = json.loads((tmp_path / "killed" / "environment.json").read_text())
+    assert [r["from_step"] for r in starts] == [0, 2]
+    assert torch.__version__.startswith(starts[0]["libraries"]["torch"])  # "2.14.1" of "2.14.1+cu130"
+    assert set(starts[1]) == {"from_step", "started", "iuq", "commit", "dirty", "libraries"}
+    checkout = Path(iuq.__file__).resolve().parents[1]
+    if (checkout / ".git").exists():  # a source checkout (as in CI): the commit it runs on
+        head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert starts[1]["commit"] == head.stdout.strip() and isinstance(starts[1]["dirty"], bool)
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.ckpt")["state_dict"]
     b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.ckpt")["state_dict"]
     assert a.keys() == b.keys()
