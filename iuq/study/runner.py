@@ -104,17 +104,18 @@ def logged_means(run_dir: Path, prefixes=("train/loss_inter", "train/loss_equi",
     return {k: sum(v) / len(v) for k, v in sorted(sums.items())}
 
 
+def _optional_json(path: Path):
+    """The file's content, or None when the run did not write it (runs from before it existed)."""
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def summarise(run_dir: Path, arm: Arm, seed: int, command: list[str], fp: str, minutes: float | None) -> dict:
     with open(run_dir / "metrics.json") as f:
         metrics = json.load(f)
-    timing = {}
-    if (run_dir / "timing.json").is_file():
-        with open(run_dir / "timing.json") as f:
-            timing = json.load(f)
-    environment = None
-    if (run_dir / "environment.json").is_file():
-        with open(run_dir / "environment.json") as f:
-            environment = json.load(f)
+    timing = _optional_json(run_dir / "timing.json") or {}
     return {
         "arm": arm.name,
         "seed": seed,
@@ -126,7 +127,7 @@ def summarise(run_dir: Path, arm: Arm, seed: int, command: list[str], fp: str, m
         "overrides": arm.overrides,
         "fingerprint": fp,
         "command": " ".join(command),
-        "environment": environment,  # one record per start of the run (iuq/engine/provenance.py)
+        "environment": _optional_json(run_dir / "environment.json"),  # one record per start (engine/provenance.py)
     }
 
 
