@@ -138,7 +138,9 @@ class TrainConfig:
     accelerator, devices, num_nodes, strategy: passed to `lightning.Trainer` (DDP under torchrun or
         SLURM is detected by Lightning).
     checkpoint_every_steps: also write checkpoints/last.ckpt every this many steps (0: epochs only).
-    eval_every_epochs: COCO evaluation on the val split every this many epochs (0: only at the end).
+    eval_every_epochs: COCO evaluation on the val split every this many epochs' worth of steps,
+        counted from step 0 (so an interrupted and resumed run evaluates at the same steps); 0: only
+        at the end.
     deterministic: true (deterministic kernels only: on CUDA some backward passes used here, bilinear
         upsampling and grid_sample, have none and raise), "warn" (deterministic where one exists,
         a warning elsewhere) or false. CPU runs are deterministic either way.

@@ -74,6 +74,9 @@ class GracefulStop(L.Callback):
         if not self.stopping and self._requested(trainer):
             self.stopping = True
             trainer.should_stop = True
+            # Lightning validates when a run is asked to stop (for early stopping); an interruption
+            # is not the end of training, and the resumed run evaluates on its schedule.
+            trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer, module) -> None:
         if self.stopping:

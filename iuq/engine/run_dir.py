@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 from filelock import FileLock, Timeout
 from lightning.pytorch.loggers import CSVLogger
@@ -186,3 +187,17 @@ class ContinuingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(self.log_dir, self._resume_step)
         return self._experiment
+
+
+class LogStepFromOptimiser(L.Callback):
+    """Log rows labelled by the optimiser step, also after a resume.
+
+    Lightning labels rows with its own count of batches that stepped. Resumed from a checkpoint
+    written at an epoch's end, that count comes back one ahead of the optimiser step, and every
+    later row (training losses, val AP) would be labelled one step late. We take one optimiser
+    step per batch (no gradient accumulation), so the two counts are equal by definition; this
+    sets Lightning's to ours before each batch (after its loop's own restart bookkeeping).
+    """
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step

@@ -32,7 +32,14 @@ from iuq.engine.inference import TrainedModel, evaluate, predict, save_model_dir
 from iuq.engine.interrupt import GracefulStop
 from iuq.engine.module import IUQModule
 from iuq.engine.provenance import record_start
-from iuq.engine.run_dir import ContinuingCSVLogger, RunLock, check_resume_config, checkpoint_step, ensure_writable
+from iuq.engine.run_dir import (
+    ContinuingCSVLogger,
+    LogStepFromOptimiser,
+    RunLock,
+    check_resume_config,
+    checkpoint_step,
+    ensure_writable,
+)
 from iuq.evaluation.coco_eval import CocoMaskEvaluator, format_table, write_metrics
 from iuq.models.build import model_spec
 from iuq.models.paste import paste_masks, select
@@ -148,6 +155,7 @@ def build_trainer(
         use_distributed_sampler=False,  # our StepSampler shards and seeds by epoch itself
         callbacks=[
             *checkpoints,
+            LogStepFromOptimiser(),  # before LearningRateMonitor, which logs at batch start
             LearningRateMonitor(logging_interval="step"),
             ProgressPrinter(t.print_every_steps),
             *(callbacks or []),
@@ -215,6 +223,12 @@ def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks:
             f"{cfg.data.batch_size} x {trainer.world_size} device(s); lower data.batch_size"
         )
     module.steps_per_epoch = steps_per_epoch
+    if trainer.limit_val_batches > 0:
+        # Evaluate every N optimiser steps counted from step 0, not at every k-th epoch end: an
+        # interrupted run ends its epoch early and its resumed epochs would start from the
+        # interruption, moving every later evaluation (and the study's late AP) off the schedule.
+        trainer.val_check_interval = cfg.train.eval_every_epochs * steps_per_epoch
+        trainer.check_val_every_n_epoch = None
     module.total_steps = cfg.train.max_steps or cfg.train.max_epochs * steps_per_epoch
     trainer.fit_loop.epoch_loop.max_steps = module.total_steps
     if trainer.is_global_zero:

@@ -95,6 +95,42 @@ def test_resume_after_an_epoch_end_checkpoint_only(tiny_data, tmp_path):  # noqa
     assert_same_weights(a, load_checkpoint(out / "checkpoints" / "last.ckpt")["state_dict"])
 
 
+def _rows(out: Path) -> tuple[list[int], list[int], list[tuple[int, str]]]:
+    """Labels of the training-loss rows and learning-rate rows, and (label, val AP) of the val rows."""
+    import csv
+
+    with open(out / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    lr = next(k for k in rows[0] if k.startswith("lr-"))
+    return (
+        [int(r["step"]) for r in rows if r.get("train/loss")],
+        [int(r["step"]) for r in rows if r.get(lr)],
+        [(int(r["step"]), r["val/AP"]) for r in rows if r.get("val/AP")],
+    )
+
+
+def test_interrupted_runs_log_and_evaluate_at_the_straight_runs_steps(tiny_data, tmp_path):  # noqa: F811
+    """Batch 2: an epoch is 4 steps, val after steps 4 and 8 (rows labelled 3 and 7). A SIGINT mid-epoch
+    adds no evaluation and does not move the later ones; a resume from an epoch-end checkpoint labels
+    its rows by the optimiser step, not one later."""
+    every_epoch = {**STEPS, "data.batch_size": 2, "train.eval_every_epochs": 1}
+    train(load_config(None, tiny_overrides(tiny_data, tmp_path / "straight", **every_epoch)))
+    straight = _rows(tmp_path / "straight")
+    assert straight[0] == straight[1] == list(range(8)) and [s for s, _ in straight[2]] == [3, 7]
+    for name, signum, at_step, checkpoint_every in (("sigint", signal.SIGINT, 1, 0), ("kill", signal.SIGKILL, 5, 0)):
+        out = tmp_path / name
+        cmd = cli(tiny_data, out, **{**every_epoch, "train.checkpoint_every_steps": checkpoint_every})
+        returncode, output = run_until(cmd, at_step, signum)
+        assert returncode in (130, -9), output
+        step = load_checkpoint(out / "checkpoints" / "last.ckpt")["global_step"]
+        assert step in ((1, 2) if signum == signal.SIGINT else (4,)), step  # mid-epoch / an epoch's end
+        resumed = subprocess.run(
+            [sys.executable, "-m", "iuq.cli", "train", "--resume", "--out", str(out)], capture_output=True, text=True
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        assert _rows(out) == straight, name
+
+
 def test_resume_with_another_config_is_refused_and_leaves_the_run_untouched(tiny_data, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(tiny_data, out, **{**STEPS, "train.max_steps": 2}))
