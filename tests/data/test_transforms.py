@@ -10,6 +10,7 @@ from iuq.data.transforms import (
     collate,
     crop,
     hflip,
+    resize,
     resize_output_size,
 )
 from tests.conftest import COCO_IMAGES, COCO_JSON
@@ -63,6 +64,21 @@ def test_resize_recipe_of_the_paper():
         assert t2["masks"].shape[1:] == i2.shape[1:]
         assert torch.equal(t2["boxes"], boxes_from_masks(t2["masks"]))
         assert t2["labels"].shape[0] == t2["masks"].shape[0]
+
+
+def test_resize_to_the_own_size_equals_resampling_and_still_drops_empty_masks():
+    import torch.nn.functional as F
+    from torchvision.transforms.v2 import functional as TF
+
+    image, target = _sample()
+    h, w = image.shape[-2:]
+    masks = torch.cat([target["masks"], torch.zeros(1, h, w, dtype=torch.bool)])  # one empty instance
+    target = {**target, "masks": masks, "labels": torch.cat([target["labels"], target["labels"][:1]])}
+    i2, t2 = resize(image, target, (h, w))
+    assert torch.equal(i2, TF.resize(image, [h, w], antialias=True))
+    resampled = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0] > 0.5
+    assert torch.equal(t2["masks"], resampled[:-1]) and t2["labels"].shape[0] == masks.shape[0] - 1
+    assert torch.equal(t2["boxes"], boxes_from_masks(resampled[:-1]))
 
 
 def test_collate_pads_to_multiple_of_32_with_valid_mask():
