@@ -41,8 +41,8 @@ def resize_output_size(height: int, width: int, short_side: int, max_size: int |
 def resize(image: torch.Tensor, target: dict, size: tuple[int, int]):
     """Bilinear (antialiased) resize of the image, nearest for masks; boxes follow the masks."""
     if tuple(image.shape[-2:]) == tuple(size):
-        # Fixed-size tiles drawn at their own size (nuclei24, the demo): both resamplings would be
-        # exact copies, and the [K, H, W] mask one is a third of the data loader's time.
+        # Images drawn at their own size (the demo's 128 px scenes; not nuclei24, whose 250 px tiles
+        # train at 256): both resamplings would be exact copies (benchmarks/data_loading.py).
         return image, _keep_nonempty(target)
     image = TF.resize(image, list(size), antialias=True)  # [3, h, w]
     masks = target["masks"]
