@@ -1,7 +1,7 @@
 """Training-item time of the data pipeline: the shipped resize vs one that always resamples.
 
-On fixed-size tiles drawn at their own size (nuclei24's 256 px tiles, the demo's scenes),
-`iuq.data.transforms.resize` returns the image and masks as they are instead of resampling them
+Where images train at their own size (the demo's 128 px scenes; not nuclei24, whose 250 px tiles
+train at 256), `iuq.data.transforms.resize` returns the image and masks as they are instead of resampling them
 to the size they already have. This times the training items of a config (read, resize, flip,
 crop, exactly as `AugmentedDataset` makes them) with the shipped `resize` and with a reference
 that always resamples, alternating item by item so machine noise hits both alike, and checks
@@ -63,14 +63,11 @@ def main() -> None:
     timed_item(dataset, items[0], transforms.resize)  # warm-up: file cache, kernels
     for k, item in enumerate(items):
         arms = [("shipped", transforms.resize), ("resampling", resampling_resize)]
+        outs = {}
         for name, fn in arms if k % 2 == 0 else arms[::-1]:
-            seconds, out = timed_item(dataset, item, fn)
+            seconds, outs[name] = timed_item(dataset, item, fn)
             times[name].append(seconds)
-            if name == "shipped":
-                shipped_out = out
-            else:
-                reference_out = out
-        (a, ta), (b, tb) = shipped_out, reference_out
+        (a, ta), (b, tb) = outs["shipped"], outs["resampling"]
         assert torch.equal(a, b) and all(torch.equal(ta[key], tb[key]) for key in ("masks", "labels", "boxes")), (
             f"item {item}: the shipped resize and the resampling reference differ"
         )
