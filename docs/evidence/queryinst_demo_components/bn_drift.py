@@ -93,7 +93,6 @@ def main() -> None:
     )
     parser.add_argument("--recal-images", type=int, default=64)
     args = parser.parse_args()
-    torch.manual_seed(0)
     for run in args.runs:
         cfg = load_config(run / "config.yaml")
         val = CocoInstances(cfg.data.val_ann, cfg.data.val_images)
@@ -106,7 +105,6 @@ def main() -> None:
             before = evaluate(trained, val)[0]["AP"]
             train = CocoInstances(cfg.data.train_ann, cfg.data.train_images)
             subset = torch.utils.data.Subset(train, range(min(args.recal_images, len(train))))
-            subset.category_ids, subset.ann_file = train.category_ids, train.ann_file
             recalibrate(trained, subset, args.top_k)
             trained.top_k = 100
             after = evaluate(trained, val)[0]["AP"]
