@@ -106,14 +106,18 @@ def roi_mask_targets(masks: torch.Tensor, boxes: torch.Tensor, size: int) -> tor
 
 class RoIDecoder(Protocol):
     """(queries [n, d], RoI features [n, C, S, S], classes [n]) -> mask logits [n, M, M] on each
-    query's class channel; `mask_size` is M. With `reference_bn` (L_inter) BatchNorm normalises by
-    its running statistics; without (L_equi, a batch of positives like the base loss's) as in
-    training."""
+    query's class channel; `mask_size` is M.
+
+    norm: how the head's normalisation layers treat the call. None (L_equi, a batch of positives
+    like the base loss's): as in training. Otherwise (L_inter) the model's own record of how this
+    step's base mask loss normalised its RoIs (QueryInst: its output head's `roi_norm`), so that
+    other images' RoIs are decoded under the same normalisation as the base loss, with gradient
+    through it, and running statistics stay the base loss's."""
 
     mask_size: int
 
     def __call__(
-        self, queries: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, reference_bn: bool = True
+        self, queries: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, norm: object = None
     ) -> torch.Tensor: ...
 
 
@@ -149,6 +153,8 @@ def roi_inter_scene_loss(
     per_query: int | None = None,
     generator: torch.Generator | None = None,
     query_stages: torch.Tensor | None = None,
+    *,
+    norm: object,
 ) -> torch.Tensor:
     """Eq. 5 for an RoI mask head: the mean over pairs (q_n, RoI of another image) and over the M x M
     output pixels of q_n's class channel of the loss toward 0.
@@ -157,15 +163,23 @@ def roi_inter_scene_loss(
     [R, C, S, S] pooled features of other instances, roi_ids [R]. Pairs are decoded `chunk_pairs` at
     a time, under activation checkpointing when there is more than one chunk (the decoder's
     parameters get their gradient too). query_stages [N]: the stage whose head decodes each query
-    (a decoder with stages; None: its default head).
+    (a decoder with stages; None: its default head). norm: the decoder's L_inter normalisation
+    (`RoIDecoder`), not None.
     """
+    if norm is None:
+        raise ValueError(
+            "roi_inter_scene_loss: norm is None, which would decode other images' RoIs in training mode "
+            "(BatchNorm statistics of the pairs, running statistics updated by L_inter); pass the model "
+            "output's head['roi_norm']"
+        )
     q_idx, r_idx = roi_pairs(query_ids, roi_ids, per_query, generator)
     zero = queries.sum() * 0
     if q_idx.numel() == 0:
         return zero
 
     def chunk_loss(q: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, stages) -> torch.Tensor:
-        logits = decoder(q, feats, labels) if stages is None else decoder(q, feats, labels, stages=stages)  # [n, M, M]
+        extra = {} if stages is None else {"stages": stages}
+        logits = decoder(q, feats, labels, norm=norm, **extra)  # [n, M, M]
         return elementwise_toward_zero(logits.float(), loss, alpha, gamma).sum()
 
     total, count = zero, 0
@@ -183,9 +197,9 @@ def roi_inter_scene_loss(
 
 
 def roi_inter_scene_loss_naive(queries, query_ids, query_labels, rois, roi_ids, decoder, loss="focal",
-                               alpha=0.25, gamma=2.0, query_stages=None) -> torch.Tensor:  # fmt: skip
+                               alpha=0.25, gamma=2.0, query_stages=None, *, norm) -> torch.Tensor:  # fmt: skip
     """Every pair at once with plain autograd: the reference the chunked loss is tested against."""
     q, r = (query_ids[:, None] != roi_ids[None, :]).nonzero(as_tuple=True)
     extra = {} if query_stages is None else {"stages": query_stages[q]}
-    logits = decoder(queries[q], rois[r].to(queries.dtype), query_labels[q], **extra)
+    logits = decoder(queries[q], rois[r].to(queries.dtype), query_labels[q], norm=norm, **extra)
     return elementwise_toward_zero(logits.float(), loss, alpha, gamma).mean()

@@ -79,6 +79,7 @@ class RoIIUQCriterion(IUQCriterion):
         num_masks: float | None = None,
         generator: torch.Generator | None = None,
         query_stages: list[torch.Tensor] | None = None,
+        roi_norm: object = None,
     ) -> tuple[dict[str, torch.Tensor], PixelSamples]:
         """L_inter and L_equi of one batch (unweighted) and the RoIs to enqueue afterwards.
 
@@ -94,6 +95,8 @@ class RoIIUQCriterion(IUQCriterion):
             g: the g-views' transforms (L_equi). num_masks: L_equi's normaliser.
             query_stages: V*B tensors [Q_i], the stage whose mask head decodes each query (None:
                 the decoder's default head).
+            roi_norm: how this step's base mask loss normalised its RoIs (QueryInst's output
+                head['roi_norm']); L_inter decodes other images' RoIs under it. Needed with L_inter.
         """
         b = len(gt_boxes)
         views = levels[0].shape[0] // max(b, 1)
@@ -125,7 +128,7 @@ class RoIIUQCriterion(IUQCriterion):
             terms["loss_inter"] = zero + roi_inter_scene_loss(
                 q_all, q_ids, q_labels, feats, negatives.image_ids, self.decoder, loss=c.inter_loss,
                 alpha=c.focal_alpha, gamma=c.focal_gamma, chunk_pairs=c.roi_chunk_pairs, per_query=c.roi_negatives,
-                generator=generator, query_stages=q_stages,
+                generator=generator, query_stages=q_stages, norm=roi_norm,
             )  # fmt: skip
         if c.equi:
             if views != 2 or g is None:
@@ -142,7 +145,7 @@ class RoIIUQCriterion(IUQCriterion):
             loss = zero
             if q_g.shape[0] and c.equi_variant == "full":
                 extra = {} if query_stages is None else {"stages": torch.cat(query_stages[b:]).to(device)}
-                logits = self.decoder(q_g, feats, torch.cat(query_labels[b:]).to(device), reference_bn=False, **extra)
+                logits = self.decoder(q_g, feats, torch.cat(query_labels[b:]).to(device), **extra)
                 loss = zero + self.mask_loss(logits, target, num_masks)
             terms["loss_equi"] = loss
         return terms, samples

@@ -168,7 +168,7 @@ def training_step(
             iuq_terms, samples = criterion(
                 out.head["levels"], list(model.strides), r_queries, r_labels, r_boxes, r_masks,
                 [t["boxes"] for t in targets], [t["labels"] for t in targets], image_ids, g=g, num_masks=num_masks,
-                generator=sample_generator, query_stages=r_stages,
+                generator=sample_generator, query_stages=r_stages, roi_norm=out.head["roi_norm"],
             )  # fmt: skip
         else:
             valid_g = None

@@ -53,27 +53,34 @@ def class_channel(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class ClassChannelDecoder(nn.Module):
-    """The last stage's mask head as IUQ's RoI decoder (`iuq.core.roi.RoIDecoder`): (queries [n, C],
-    RoI features [n, C, S, S], classes [n]) -> logits [n, 2S, 2S] of each query's class channel,
-    BatchNorm by running statistics unless `reference_bn=False`. Holds no parameters of its own
-    (they are the model's)."""
+    """The mask head as IUQ's RoI decoder (`iuq.core.roi.RoIDecoder`): (queries [n, C], RoI features
+    [n, C, S, S], classes [n]) -> logits [n, 2S, 2S] of each query's class channel. Holds no
+    parameters of its own (they are the model's).
+
+    norm: None, BatchNorm as in training (L_equi: a batch of positives, as the base loss's); or
+    the output head's `roi_norm`, {stage: that stage's per-layer batch statistics of this step's base
+    mask loss} (L_inter); a stage missing there normalises by the call's own batch statistics.
+    Either way L_inter leaves the running statistics alone."""
 
     def __init__(self, model: QueryInst):
         super().__init__()
         self._model = [model]  # not a submodule: the parameters stay the model's
         self.mask_size = 2 * model.cfg.mask_pool
 
-    def forward(self, queries, feats, labels, reference_bn: bool = True, stages=None) -> torch.Tensor:
+    def forward(self, queries, feats, labels, norm: dict | None = None, stages=None) -> torch.Tensor:
         """`stages` [n]: the stage whose mask head decodes each query (default: the last)."""
         heads = self._model[0].stages
+
+        def decode(s: int, at) -> torch.Tensor:
+            stats = None if norm is None else norm.get(s, [])
+            return heads[s].mask_head(queries[at], feats[at], stats=stats)  # [n_s, K, M, M]
+
         if stages is None:
-            logits = heads[-1].mask_head(queries, feats, reference_bn=reference_bn)  # [n, K, M, M]
-            return class_channel(logits, labels)
+            return class_channel(decode(len(heads) - 1, slice(None)), labels)
         out = queries.new_zeros((queries.shape[0], self.mask_size, self.mask_size))
         for s in stages.unique().tolist():
             at = (stages == s).nonzero()[:, 0]
-            logits = heads[s].mask_head(queries[at], feats[at], reference_bn=reference_bn)
-            out = out.index_put((at,), class_channel(logits, labels[at]))
+            out = out.index_put((at,), class_channel(decode(s, at), labels[at]))
         return out
 
 
@@ -133,10 +140,12 @@ class QueryInst(nn.Module):
         return {}
 
     def decode_masks(
-        self, attn_feats: torch.Tensor, roi_feats: torch.Tensor, labels: torch.Tensor, stage: int = -1
-    ) -> torch.Tensor:
-        """Stage `stage`'s mask logits [n, M, M] on each query's class channel (BatchNorm as in training)."""
-        logits = self.stages[stage].mask_head(attn_feats, roi_feats)  # [n, K, M, M]
+        self, attn_feats: torch.Tensor, roi_feats: torch.Tensor, labels: torch.Tensor, stage: int = -1,
+        record: list | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Stage `stage`'s mask logits [n, M, M] on each query's class channel (BatchNorm as in
+        training); `record` receives its BatchNorm batch statistics."""
+        logits = self.stages[stage].mask_head(attn_feats, roi_feats, record=record)  # [n, K, M, M]
         return class_channel(logits, labels)
 
     def roi_queries(self, output: SegmenterOutput, all_stages: bool = False):
@@ -195,8 +204,10 @@ class QueryInst(nn.Module):
         view_loss: tuple[bool, ...] | None = None,
     ) -> SegmenterOutput:
         """As `iuq.models.interface.BaseSegmenter`; besides the contract's fields, the output's head
-        holds `levels` (P2..P5, f(I)) and `query_boxes` (per view-image [Q_i, 4], the box each
-        matched query's mask was decoded on)."""
+        holds `levels` (P2..P5, f(I)), `query_boxes` (per view-image [Q_i, 4], the box each
+        matched query's mask was decoded on) and `roi_norm` (per stage, the mask head's BatchNorm
+        batch statistics in the first view's base mask loss: how L_inter normalises other images'
+        RoIs, `ClassChannelDecoder`)."""
         n = images.shape[0]
         if n % views:
             raise ValueError(f"a batch of {n} images does not split into {views} views")
@@ -217,6 +228,7 @@ class QueryInst(nn.Module):
         def losses_of_view(part):
             return self._losses(heads, matches, targets, gts, part)
 
+        heads["roi_norm"] = {}
         loss, terms, losses = per_view_losses(views, n // views, view_loss, losses_of_view)
         last = matches[-1]
         attn = heads["attn"][-1]
@@ -257,7 +269,9 @@ class QueryInst(nn.Module):
                                zip(part, rows, strict=True)])  # fmt: skip
             target = roi_mask_targets(masks, mask_boxes, 2 * c.mask_pool)
             if labels.numel():
-                terms["loss_mask"] = self.mask_loss(self.decode_masks(attn_pos, feats, labels, s), target, num)
+                stats = heads["roi_norm"].setdefault(s, []) if part[0] == 0 else None
+                logits = self.decode_masks(attn_pos, feats, labels, s, record=stats)
+                terms["loss_mask"] = self.mask_loss(logits, target, num)
             else:  # keeps every parameter in the graph
                 terms["loss_mask"] = attn_pos.sum() * 0 + sum(
                     p.sum() * 0 for p in self.stages[s].mask_head.parameters()

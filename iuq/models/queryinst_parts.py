@@ -139,8 +139,12 @@ class DynamicMaskHead(nn.Module):
     [n, K, 2S, 2S]: DynamicConv (no projection), `mask_convs` conv3x3 + BN + ReLU, deconv x2 + ReLU,
     a 1x1 conv to one channel per class.
 
-    `reference_bn`: the BatchNorm layers normalise by their running statistics and leave them
-    unchanged (L_inter's decoding of other images' RoIs, `iuq.core.roi`)."""
+    The BatchNorm layers normalise as in training (batch statistics) or evaluation (running ones),
+    unless `stats` is given: L_inter's decoding of other images' RoIs (`iuq.core.roi`) normalises
+    them by the batch statistics of the step's base mask loss, with gradient through those, so a
+    per-channel shift of a conv's output changes neither term (with the running statistics instead,
+    L_inter could lower its loss by a shift the base loss cannot see and inference inherits:
+    docs/evidence.md, section 12)."""
 
     def __init__(self, cfg: QueryInstConfig, num_classes: int):
         super().__init__()
@@ -158,17 +162,38 @@ class DynamicMaskHead(nn.Module):
                 nn.init.xavier_uniform_(p)
         nn.init.zeros_(self.logits.bias)
 
-    def forward(self, attn_feats: torch.Tensor, roi_feats: torch.Tensor, reference_bn: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        attn_feats: torch.Tensor,
+        roi_feats: torch.Tensor,
+        stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        record: list | None = None,
+    ) -> torch.Tensor:
+        """stats: per BatchNorm layer (mean [m], biased variance [m]) to normalise by, running
+        statistics untouched; an empty list: each layer by the batch statistics of this call, running
+        statistics untouched. record: a list that receives each layer's batch statistics (with
+        grad) when it normalises as in training."""
         n, c, s, _ = roi_feats.shape
         x = self.interact(attn_feats, roi_feats).transpose(1, 2).reshape(n, c, s, s)  # [n, C, S, S]
-        for conv, norm in zip(self.convs, self.norms, strict=True):
-            x = conv(x)
-            if reference_bn:
-                x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
-            else:
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            x = conv(x)  # [n, m, S, S]
+            if stats is None:
+                if record is not None and norm.training:
+                    record.append((x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)))
                 x = norm(x)
+            elif stats:
+                x = normalise_by(x, *stats[i], norm)
+            else:
+                x = F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
             x = F.relu(x)
         return self.logits(F.relu(self.upsample(x)))  # [n, K, 2S, 2S]
+
+
+def normalise_by(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, norm: nn.BatchNorm2d) -> torch.Tensor:
+    """x [n, m, h, w] normalised by given statistics [m] with the layer's affine. By hand because
+    `F.batch_norm` passes no gradient to statistics given as running ones."""
+    scale = torch.rsqrt(var + norm.eps) * norm.weight  # [m]
+    return (x - mean[:, None, None]) * scale[:, None, None] + norm.bias[:, None, None]
 
 
 class Stage(nn.Module):

@@ -99,7 +99,8 @@ def test_pairs_leave_out_the_query_image_and_cap_per_query():
 
 class TinyHead(torch.nn.Module):
     """A mask head with parameters and BatchNorm, as an `RoIDecoder`: a 1x1 conv generated from the
-    query, a 3x3 conv + BN, one channel per class, at the RoI's size."""
+    query, a 3x3 conv + BN, one channel per class, at the RoI's size. `norm` (L_inter): a dict of
+    the statistics to normalise by, {"mean": [c], "var": [c]}."""
 
     mask_size = 5
 
@@ -113,16 +114,23 @@ class TinyHead(torch.nn.Module):
             self.norm.running_mean.uniform_(-0.5, 0.5)
             self.norm.running_var.uniform_(0.5, 2.0)
 
-    def forward(self, q, feats, labels, reference_bn=True):
+    def forward(self, q, feats, labels, norm=None):
         x = feats * self.generate(q)[:, :, None, None]
         x = self.conv(x)
-        if reference_bn:
-            n = self.norm
-            x = torch.nn.functional.batch_norm(x, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
-        else:
+        if norm is None:
             x = self.norm(x)
+        else:
+            n = self.norm
+            scale = torch.rsqrt(norm["var"] + n.eps) * n.weight
+            x = (x - norm["mean"][:, None, None]) * scale[:, None, None] + n.bias[:, None, None]
         logits = self.out(torch.relu(x))
         return logits[torch.arange(labels.shape[0]), labels]
+
+
+def step_stats(c=4):
+    """Statistics that depend on a parameter, as a step's base-batch statistics do: [c] each."""
+    base = torch.randn(c, requires_grad=True)
+    return base, {"mean": 0.3 * base, "var": base.exp()}
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
@@ -132,11 +140,13 @@ def test_chunked_inter_scene_equals_plain_autograd(chunk):
     q = torch.randn(3, 4, requires_grad=True)
     q_ids, q_labels = torch.tensor([0, 0, 1]), torch.tensor([2, 0, 1])
     rois, r_ids = torch.randn(5, 4, 5, 5), torch.tensor([0, 1, 2, 1, 0])
+    base, stats = step_stats()
     before = head.norm.running_mean.clone()
-    value = roi_inter_scene_loss(q, q_ids, q_labels, rois, r_ids, head, alpha=0.25, gamma=2.0, chunk_pairs=chunk)
-    params = [q, *head.parameters()]
-    grads = torch.autograd.grad(value, params)
-    reference = roi_inter_scene_loss_naive(q, q_ids, q_labels, rois, r_ids, head, alpha=0.25, gamma=2.0)
+    value = roi_inter_scene_loss(q, q_ids, q_labels, rois, r_ids, head, alpha=0.25, gamma=2.0, chunk_pairs=chunk,
+                                 norm=stats)  # fmt: skip
+    params = [q, base, *head.parameters()]  # the statistics' own inputs get their gradient under checkpointing
+    grads = torch.autograd.grad(value, params, retain_graph=True)  # the statistics' graph serves both
+    reference = roi_inter_scene_loss_naive(q, q_ids, q_labels, rois, r_ids, head, alpha=0.25, gamma=2.0, norm=stats)
     ref_grads = torch.autograd.grad(reference, params)
     torch.testing.assert_close(value, reference, atol=1e-6, rtol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
@@ -150,9 +160,10 @@ def test_inter_scene_by_hand_on_one_pair():
     head = TinyHead()
     q = torch.randn(1, 4)
     rois = torch.randn(2, 4, 5, 5)
+    stats = {"mean": torch.randn(4), "var": torch.rand(4) + 0.5}
     value = roi_inter_scene_loss(q, torch.tensor([7]), torch.tensor([1]), rois, torch.tensor([7, 3]), head,
-                                 alpha=0.25, gamma=2.0)  # fmt: skip
-    logits = head(q, rois[1:], torch.tensor([1]))[0].detach()  # only the RoI of image 3 (a constant here)
+                                 alpha=0.25, gamma=2.0, norm=stats)  # fmt: skip
+    logits = head(q, rois[1:], torch.tensor([1]), stats)[0].detach()  # only the RoI of image 3 (a constant here)
     p = logits.sigmoid()
     by_hand = (-(1 - 0.25) * p**2 * torch.log(1 - p)).mean()
     torch.testing.assert_close(value, by_hand, atol=1e-6, rtol=1e-5)
@@ -163,8 +174,16 @@ def test_inter_scene_without_other_images_is_a_zero_with_a_graph():
     head = TinyHead()
     q = torch.randn(2, 4, requires_grad=True)
     value = roi_inter_scene_loss(q, torch.tensor([1, 1]), torch.tensor([0, 0]), torch.randn(3, 4, 5, 5),
-                                 torch.tensor([1, 1, 1]), head)  # fmt: skip
+                                 torch.tensor([1, 1, 1]), head, norm={})  # fmt: skip
     assert value == 0 and value.requires_grad
+
+
+def test_inter_scene_refuses_training_mode_normalisation():
+    """Without the step's statistics the pairs would be normalised by their own, and BatchNorm's
+    running statistics updated by L_inter (twice under checkpointing)."""
+    with pytest.raises(ValueError, match=r"norm is None.*head\['roi_norm'\]"):
+        roi_inter_scene_loss(torch.randn(1, 4), torch.tensor([0]), torch.tensor([0]), torch.randn(1, 4, 5, 5),
+                             torch.tensor([1]), TinyHead(), norm=None)  # fmt: skip
 
 
 class TwoStageHead(torch.nn.Module):
@@ -176,12 +195,12 @@ class TwoStageHead(torch.nn.Module):
         super().__init__()
         self.heads = torch.nn.ModuleList([TinyHead(), TinyHead()])
 
-    def forward(self, q, feats, labels, reference_bn=True, stages=None):
+    def forward(self, q, feats, labels, norm=None, stages=None):
         stages = torch.ones_like(labels) if stages is None else stages
         out = torch.zeros(q.shape[0], 5, 5)
         for s in (0, 1):
             at = (stages == s).nonzero()[:, 0]
-            out = out.index_put((at,), self.heads[s](q[at], feats[at], labels[at], reference_bn))
+            out = out.index_put((at,), self.heads[s](q[at], feats[at], labels[at], None if norm is None else norm[s]))
         return out
 
 
@@ -192,15 +211,16 @@ def test_chunked_inter_scene_with_stages_equals_plain_autograd():
     q_ids, q_labels, stages = torch.tensor([0, 0, 1, 1]), torch.tensor([2, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
     rois, r_ids = torch.randn(5, 4, 5, 5), torch.tensor([0, 1, 2, 1, 0])
     params = [q, *head.parameters()]
-    value = roi_inter_scene_loss(q, q_ids, q_labels, rois, r_ids, head, chunk_pairs=3, query_stages=stages)
-    reference = roi_inter_scene_loss_naive(q, q_ids, q_labels, rois, r_ids, head, query_stages=stages)
+    norm = [step_stats()[1], step_stats()[1]]
+    value = roi_inter_scene_loss(q, q_ids, q_labels, rois, r_ids, head, chunk_pairs=3, query_stages=stages, norm=norm)
+    reference = roi_inter_scene_loss_naive(q, q_ids, q_labels, rois, r_ids, head, query_stages=stages, norm=norm)
     torch.testing.assert_close(value, reference, atol=1e-6, rtol=1e-5)
-    grads = torch.autograd.grad(value, params)
+    grads = torch.autograd.grad(value, params, retain_graph=True)
     for g, r in zip(grads, torch.autograd.grad(reference, params), strict=True):
         torch.testing.assert_close(g, r, atol=1e-7, rtol=1e-5)
     # Both stages' heads are trained; without stages only the default (second) one is.
     outs = dict(zip([id(p) for p in params], grads, strict=True))
     assert all(outs[id(h.out.weight)].abs().sum() > 0 for h in head.heads)
-    default = roi_inter_scene_loss(q, q_ids, q_labels, rois, r_ids, head)
+    default = roi_inter_scene_loss(q, q_ids, q_labels, rois, r_ids, head, norm=norm)
     first = torch.autograd.grad(default, [head.heads[0].out.weight], allow_unused=True)[0]
     assert first is None or first.abs().sum() == 0

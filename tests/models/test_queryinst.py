@@ -158,7 +158,7 @@ def test_equivariance_equals_plain_autograd_on_the_flipped_pyramid():
     flipped = [g.apply(lv[:2]) for lv in levels]
     rois = torch.cat([torch.tensor([[0.0]] * 2 + [[1.0]]), torch.cat(boxes_g[2:])], 1)
     feats = roi_align(flipped[0], rois, s, 0.25, sampling_ratio=2, aligned=True)  # every box here reads P2
-    logits = model.decoder(torch.cat(queries[2:]), feats, torch.cat(labels[2:]), reference_bn=False)
+    logits = model.decoder(torch.cat(queries[2:]), feats, torch.cat(labels[2:]))  # BatchNorm as in training
     target = roi_mask_targets(torch.cat(masks[2:]), torch.cat(boxes_g[2:]), model.decoder.mask_size)
     reference = model.mask_loss(logits, target, 3.0)
     torch.testing.assert_close(value, reference, atol=1e-5, rtol=1e-5)
@@ -232,7 +232,7 @@ def test_all_stages_reading_decodes_each_query_with_its_stage_head():
     staged = model.decoder(queries[0], feats, labels, stages=stages[0])
     for s in range(n_stages):
         at = stages[0] == s
-        own = model.stages[s].mask_head(queries[0][at], feats[at], reference_bn=True)
+        own = model.stages[s].mask_head(queries[0][at], feats[at])  # eval: running statistics
         torch.testing.assert_close(staged[at], own[torch.arange(int(at.sum())), labels[at]])
     model.train()
     result = training_step(model, criterion, images, pixel_mask, targets, torch.tensor([0, 1]),
@@ -241,3 +241,63 @@ def test_all_stages_reading_decodes_each_query_with_its_stage_head():
         grads = torch.autograd.grad(result.terms[name], [st.mask_head.logits.weight for st in model.stages],
                                     retain_graph=True)  # fmt: skip
         assert all(g.abs().sum() > 0 for g in grads), name
+
+
+def test_roi_norm_holds_the_batch_statistics_the_base_loss_normalised_by():
+    """Each stage's record equals what its BatchNorm folded into the running statistics:
+    running' = 0.9 running + 0.1 mean, and 0.9 running + 0.1 var * n / (n - 1) (unbiased there)."""
+    cfg, model = tiny()
+    images, pixel_mask, targets = batch()
+    before = [(st.mask_head.norms[0].running_mean.clone(), st.mask_head.norms[0].running_var.clone())
+              for st in model.stages]  # fmt: skip
+    out = model(images, pixel_mask, targets)
+    assert sorted(out.head["roi_norm"]) == list(range(len(model.stages)))
+    for s, stage in enumerate(model.stages):
+        [(mean, var)] = out.head["roi_norm"][s]  # mask_convs=1: one layer
+        assert mean.requires_grad and var.requires_grad  # L_inter's gradient reaches the base batch
+        n = sum(len(t["labels"]) for t in targets) * model.roi_size**2  # matched RoIs x S x S values
+        norm = stage.mask_head.norms[0]
+        torch.testing.assert_close(norm.running_mean, 0.9 * before[s][0] + 0.1 * mean.detach())
+        torch.testing.assert_close(norm.running_var, 0.9 * before[s][1] + 0.1 * var.detach() * n / (n - 1))
+
+
+def test_inter_scene_is_blind_to_a_per_channel_shift_the_base_loss_cannot_see():
+    """Adding a constant per channel to the mask head's conv output changes no base-loss value, so
+    it must change no L_inter value or gradient either: L_inter decodes other images' RoIs under the
+    base loss's batch statistics. Decoded under the running statistics (the earlier reading) it
+    has a gradient along the shift: the shortcut of docs/evidence.md, section 12."""
+    cfg, model = tiny("iuq.equi=false")
+    criterion = build_criterion(cfg.iuq, model)
+    images, pixel_mask, targets = batch()
+    conv = model.stages[-1].mask_head.convs[0]
+    delta = torch.zeros(conv.out_channels, requires_grad=True)
+    conv.register_forward_hook(lambda module, inputs, output: output + delta[:, None, None])
+
+    def inter_loss(shift: float, norm_of=None):
+        with torch.no_grad():
+            delta.fill_(shift)
+        torch.manual_seed(0)
+        out = model(images, pixel_mask, targets)
+        queries, instances, boxes, _ = model.roi_queries(out)
+        labels = [t["labels"][k] for t, k in zip(targets, instances, strict=True)]
+        masks = [t["masks"][k] for t, k in zip(targets, instances, strict=True)]
+        norm = out.head["roi_norm"] if norm_of is None else norm_of()
+        terms, _ = criterion(out.head["levels"], list(model.strides), queries, labels, boxes, masks,
+                             [t["boxes"] for t in targets], [t["labels"] for t in targets], torch.tensor([0, 1]),
+                             roi_norm=norm)  # fmt: skip
+        return out.loss, terms["loss_inter"]
+
+    base0, inter0 = inter_loss(0.0)
+    (grad,) = torch.autograd.grad(inter0, [delta], retain_graph=True)
+    assert inter0 > 0
+    torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-7, rtol=0)
+    base1, inter1 = inter_loss(0.7)
+    torch.testing.assert_close(base1, base0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inter1, inter0, atol=1e-5, rtol=1e-5)
+
+    def running():
+        return {s: [(n.running_mean, n.running_var) for n in st.mask_head.norms] for s, st in enumerate(model.stages)}
+
+    _, old = inter_loss(0.0, running)
+    (old_grad,) = torch.autograd.grad(old, [delta])
+    assert old_grad.abs().max() > 1e-4  # what the test guards against is really there

@@ -1,7 +1,8 @@
 """Does L_inter move QueryInst's mask-head BatchNorm away from its running statistics?
 
-L_inter decodes other images' RoIs with the mask head's BatchNorm in running-statistics mode
-(`reference_bn`), while the base mask loss trains the head under batch statistics. A per-channel
+Until 2026-12-02, L_inter decoded other images' RoIs with the mask head's BatchNorm in
+running-statistics mode, while the base mask loss trains the head under batch statistics (it now
+decodes them under the base loss's batch statistics, `iuq.models.queryinst`). A per-channel
 shift of the conv outputs is invisible to the base loss (batch statistics remove it) but not to
 L_inter or to inference (running statistics keep it). This script measures that drift and tests
 whether it explains an arm's AP:
