@@ -222,6 +222,11 @@ def test_shipped_configs_validate():
     demo, base = load_config(ROOT / "configs" / "demo.yaml"), load_config(ROOT / "configs" / "demo_baseline.yaml")
     assert demo.iuq.inter and demo.iuq.equi and not base.iuq.inter and not base.iuq.equi
     assert demo.model == base.model and demo.data == base.data
+    dev = load_config(ROOT / "configs" / "demo_dev.yaml")  # the demo's dev split: other data, same everything else
+    assert dev.model == demo.model and dev.iuq == demo.iuq and dev.train == demo.train
+    assert (dev.data.synthetic.seed, demo.data.synthetic.seed) == (1, 0)
+    assert dev.data.synthetic.dir != demo.data.synthetic.dir
+    assert dev.data.train_ann.startswith(dev.data.synthetic.dir) and dev.data.val_ann.startswith(dev.data.synthetic.dir)
     nuclei, base = (
         load_config(ROOT / "configs" / "nuclei24.yaml"),
         load_config(ROOT / "configs" / "nuclei24_baseline.yaml"),
