@@ -37,6 +37,14 @@ def test_late_ap_is_the_mean_of_the_final_and_the_last_three_evaluations():
     assert (mean, half, n) == (15.5 - 13.5, None, 1)
 
 
+def test_late_ap_counts_the_final_model_once_when_the_run_ends_on_an_evaluation():
+    # 320 steps, val every 80: the evaluation logged at step 319 is of the final model (AP 20 = metrics AP)
+    run = {"seed": 0, "metrics": {"AP": 20.0}, "steps": 320,
+           "val_curve": [[79, 1.0], [159, 10.0], [239, 14.0], [319, 20.0]]}  # fmt: skip
+    assert late_ap(run) == (1.0 + 10.0 + 14.0 + 20.0) / 4
+    assert late_ap({**run, "steps": 330}) == (10.0 + 14.0 + 20.0 + 20.0) / 4  # 319 is not the final step
+
+
 def test_every_study_has_its_reference_first_and_the_fair_augmentation():
     assert set(STUDIES) == {
         "components", "inter_loss", "sampling", "capacity", "equivariance", "lambda", "readings", "collapse"
@@ -86,6 +94,8 @@ def test_a_small_study_runs_resumes_and_refuses_other_settings(tiny_data, tmp_pa
             assert (out / "runs" / arm / f"seed{seed}" / "metrics.json").is_file()
             summary = json.loads((out / "summaries" / arm / f"seed{seed}.json").read_text())
             assert summary["seed"] == seed and summary["val_curve"] and summary["s_per_step"] > 0
+            # one epoch, val every epoch: the last evaluation is of the final model, logged at steps - 1 (late_ap)
+            assert summary["steps"] > 0 and summary["val_curve"][-1][0] == summary["steps"] - 1
             assert summary["command"].startswith(f"iuq train {config}")
             assert [r["from_step"] for r in summary["environment"]] == [0]  # one start, from scratch
     both = json.loads((out / "summaries" / "both" / "seed0.json").read_text())["logged_means"]

@@ -4,7 +4,7 @@ OUT/config.yaml             the resolved configuration
 OUT/checkpoints/last.ckpt   model, optimiser, schedule, loop state and the IUQ memory
 OUT/logs/                   metrics.csv (CSV) and TensorBoard events of every loss term
 OUT/metrics.json            final COCO mask AP on the val split (keys as `iuq eval`)
-OUT/timing.json             mean s/step of the training steps (evaluation left out)
+OUT/timing.json             mean s/step of the training steps (evaluation left out), final step
 OUT/environment.json        code commit and library versions, one record per start (iuq.engine.provenance)
 OUT/model/                  the trained model, `save_pretrained` (loads in plain transformers)
 OUT/predictions/*.png       a few val predictions drawn over the images
@@ -246,7 +246,7 @@ def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks:
     if not trainer.is_global_zero:
         return None
     with open(out / "timing.json", "w") as f:  # read by `iuq ablate`; s/step of this process's steps
-        json.dump({"timed_steps": timer.timed_steps, "s_per_step": timer.seconds_per_step}, f)
+        json.dump({"timed_steps": timer.timed_steps, "s_per_step": timer.seconds_per_step, "steps": trainer.global_step}, f)
     # Lightning's teardown has moved the model back to the CPU; evaluate where it trained.
     return finish(cfg, module, val_set, out, trainer.strategy.root_device)
 

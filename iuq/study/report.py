@@ -37,8 +37,13 @@ def late_ap(summary: dict, evals: int = LATE_EVALS) -> float:
     The final AP alone carries the evaluation-to-evaluation swings of a model still moving (±1.5 AP
     on nuclei24 after its plateau, docs/evidence.md 10.4); the mean over the last few evaluations
     is the steadier score for choosing a setting on a dev split. With fewer evaluations, those there are.
+    When the run ends on an evaluation step, that evaluation is of the final model, already counted
+    as the final AP: it is left out (it is logged at step `steps - 1`, summary["steps"] the final step).
     """
-    during = [ap for _, ap in summary.get("val_curve") or []][-(evals - 1) :] if evals > 1 else []
+    curve = summary.get("val_curve") or []
+    if summary.get("steps") is not None:
+        curve = [(step, ap) for step, ap in curve if step < summary["steps"] - 1]
+    during = [ap for _, ap in curve][-(evals - 1) :] if evals > 1 else []
     return float(np.mean([*during, summary["metrics"]["AP"]]))
 
 

@@ -122,6 +122,7 @@ def summarise(run_dir: Path, arm: Arm, seed: int, command: list[str], fp: str, m
         "metrics": metrics,
         "val_curve": val_curve(run_dir),
         "s_per_step": timing.get("s_per_step"),
+        "steps": timing.get("steps"),  # the final step: tells the final model's evaluation in val_curve
         "wall_minutes": minutes,
         "logged_means": logged_means(run_dir),
         "overrides": arm.overrides,
