@@ -246,7 +246,8 @@ def _train(cfg: RunConfig, out: Path, last: Path, resume: bool, stop, callbacks:
     if not trainer.is_global_zero:
         return None
     with open(out / "timing.json", "w") as f:  # read by `iuq ablate`; s/step of this process's steps
-        json.dump({"timed_steps": timer.timed_steps, "s_per_step": timer.seconds_per_step, "steps": trainer.global_step}, f)
+        timing = {"timed_steps": timer.timed_steps, "s_per_step": timer.seconds_per_step, "steps": trainer.global_step}
+        json.dump(timing, f)
     # Lightning's teardown has moved the model back to the CPU; evaluate where it trained.
     return finish(cfg, module, val_set, out, trainer.strategy.root_device)
 
