@@ -146,6 +146,33 @@ def test_a_failed_run_stops_the_study_before_the_next_starts(tiny_data, tmp_path
     assert sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/*")) == ["baseline/seed0"]
 
 
+def test_a_run_another_process_is_training_is_left_to_it(tiny_data, tmp_path, capsys):  # noqa: F811
+    from iuq.engine.run_dir import RunLock
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    sets = tiny_overrides(tiny_data, tmp_path / "unused", **{"train.max_steps": 2})
+    flags = [a for kv in sets for a in ("--set", kv)]
+    out = tmp_path / "study"
+    busy = out / "runs" / "baseline" / "seed0"  # a second `iuq ablate` is training it, no checkpoint yet
+    busy.mkdir(parents=True)
+    (busy / "train.log").write_text("step 1/2\n")
+    lock = RunLock(busy).acquire()
+    try:
+        args = ["ablate", str(config), "--study", "components", "--arms", "both", "--seeds", "1", "--jobs", "1"]
+        assert main([*args, "--out", str(out), *flags]) == 0
+    finally:
+        lock.release()
+    printed = capsys.readouterr().out
+    assert "arm baseline seed 0: left to the process training it" in printed
+    assert "1 run(s) still in training by another process" in printed
+    assert (busy / "train.log").read_text() == "step 1/2\n"  # its run directory untouched
+    assert not (out / "summaries" / "baseline").exists()
+    assert (out / "summaries" / "both" / "seed0.json").is_file()
+    report = json.loads((out / "results.json").read_text())
+    assert [(r["arm"], r["n"]) for r in report["arms"]] == [("baseline", 0), ("both", 1)]
+
+
 def test_a_later_model_section_changes_the_fingerprint_of_its_own_model_type_only():
     from pathlib import Path
 

@@ -6,7 +6,9 @@
 
 Each run is its own `iuq train` process (the command is in its summary, so any row can be rerun
 alone). A finished run (summary present) is skipped; a killed one resumes from its last checkpoint;
-a run that failed before its first checkpoint starts again. The summaries carry a fingerprint of
+a run that failed before its first checkpoint starts again. A run that another process is training
+(its run directory locked, e.g. a second `iuq ablate` on the same DIR) is left to that process and
+counted at the end if it has finished by then. The summaries carry a fingerprint of
 the resolved config, so a rerun into the same DIR with other settings stops with an error instead
 of mixing two studies.
 """
@@ -25,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from iuq.config import load_config
+from iuq.engine.run_dir import RunDirError, RunLock
 from iuq.engine.train import prepare_data
 from iuq.study.arms import Arm, study_arms
 from iuq.study.choice import ChoiceError, choice_markdown, dev_scores
@@ -33,6 +36,10 @@ from iuq.study.report import write_report
 
 class StudyError(RuntimeError):
     """A run of the study failed or the output folder holds a different study."""
+
+
+class RunBusy(RuntimeError):
+    """The run's directory is locked by another iuq process, which is training it."""
 
 
 def _value(v) -> str:
@@ -146,6 +153,13 @@ def _shown(cmd: list[str]) -> list[str]:
 
 def run_one(config: Path, out: Path, arm: Arm, seed: int, sets: list[str], fp: str) -> dict:
     run_dir = out / "runs" / arm.name / f"seed{seed}"
+    if run_dir.is_dir():
+        # Probe before touching anything: a run another process trains may not have its first
+        # checkpoint yet, and would look like a failed start to be deleted below.
+        try:
+            RunLock(run_dir).acquire().release()
+        except RunDirError as err:
+            raise RunBusy(str(err)) from None
     last = run_dir / "checkpoints" / "last.ckpt"
     if not (run_dir / "metrics.json").is_file():
         resume = last.is_file()
@@ -206,6 +220,7 @@ def ablate(
     print(f"study {study}: {len(chosen)} arms x {seeds} seeds, {total} run(s) to do, {jobs} at a time", flush=True)
 
     stop = threading.Event()  # set by a failed run or Ctrl-C: runs not started yet never start
+    busy: list[Path] = []  # summaries of runs another process was training
 
     def work(item):
         if stop.is_set():
@@ -213,6 +228,10 @@ def ablate(
         arm, seed, sets, fp, path = item
         try:
             summary = run_one(config, out, arm, seed, sets, fp)
+        except RunBusy as err:
+            busy.append(path)
+            print(f"arm {arm.name} seed {seed}: left to the process training it ({err})", flush=True)
+            return None
         except BaseException:
             stop.set()
             raise
@@ -244,6 +263,17 @@ def ablate(
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
+    pending = [p for p in busy if not p.is_file()]
+    for path in busy:
+        if path.is_file():
+            with open(path) as f:
+                summaries.append(json.load(f))
+    if pending:
+        print(
+            f"{len(pending)} run(s) still in training by another process are not in this report; "
+            "rerun this command after they finish",
+            flush=True,
+        )
     order = {a.name: i for i, a in enumerate(chosen)}
     summaries.sort(key=lambda s: (order[s["arm"]], s["seed"]))
     return write_report(out, study, chosen, summaries)
