@@ -220,7 +220,7 @@ def ablate(
     print(f"study {study}: {len(chosen)} arms x {seeds} seeds, {total} run(s) to do, {jobs} at a time", flush=True)
 
     stop = threading.Event()  # set by a failed run or Ctrl-C: runs not started yet never start
-    busy: list[Path] = []  # summaries of runs another process was training
+    busy: list[tuple[Path, str]] = []  # (summary, fingerprint) of runs another process was training
 
     def work(item):
         if stop.is_set():
@@ -229,7 +229,7 @@ def ablate(
         try:
             summary = run_one(config, out, arm, seed, sets, fp)
         except RunBusy as err:
-            busy.append(path)
+            busy.append((path, fp))
             print(f"arm {arm.name} seed {seed}: left to the process training it ({err})", flush=True)
             return None
         except BaseException:
@@ -263,11 +263,13 @@ def ablate(
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    pending = [p for p in busy if not p.is_file()]
-    for path in busy:
-        if path.is_file():
-            with open(path) as f:
-                summaries.append(json.load(f))
+    pending = []
+    for path, fp in busy:
+        done = json.loads(path.read_text()) if path.is_file() else None
+        if done is not None and done.get("fingerprint") == fp:
+            summaries.append(done)
+        else:  # not finished yet, or (a foreign study) never to be mixed into this report
+            pending.append(path)
     if pending:
         print(
             f"{len(pending)} run(s) still in training by another process are not in this report; "
