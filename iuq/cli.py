@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _ablate(args) -> None:
     from iuq.config import load_config
+    from iuq.study.report import report_prefix
     from iuq.study.runner import StudyError, ablate, choose, report_only
 
     if not args.config.is_file():
@@ -335,7 +336,8 @@ def _ablate(args) -> None:
             print(f"dev rule: {args.out / 'choice.md'}")
     else:
         ablate(args.config, args.study, args.seeds, args.out, args.set, arms, args.jobs, args.first_seed)
-    print(f"study report: {args.out / 'results.md'}  (results.csv, results.json, results.png, curves.png)")
+    pre = report_prefix(args.study)
+    print(f"study report: {args.out / f'{pre}results.md'}  ({pre}results.csv, .json, .png, {pre}curves.png)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,3 +196,32 @@ def test_curves_of_resumed_seeds_meet_on_one_grid():
     assert table[0, :3].tolist() == [1.0, 2.0, 3.0]  # seed 0 on its own evaluations, halfway between
     assert table[1, 0] == pytest.approx(2.0 + 2.0 * 1 / 80)  # seed 1 between its steps 79 and 159
     assert common_grid([[[80, 1.0], [100, 2.0]], [[200, 1.0], [300, 2.0]]]) == (None, None)
+
+
+def test_two_studies_in_one_folder_keep_their_own_reports(tmp_path):
+    """Readings and components share a baseline (same fingerprint), so one folder may hold both; the
+    second report must not overwrite the first."""
+    from iuq.study.report import METRICS
+    from iuq.study.runner import report_only
+
+    def summary(arm, seed, ap):
+        metrics = {key: ap for key in METRICS}
+        return {"arm": arm, "seed": seed, "metrics": metrics, "val_curve": [[10, ap - 1.0]], "steps": 20}
+
+    out = tmp_path / "study"
+    for arm, aps in {"baseline": (10.0, 12.0), "both": (11.0, 12.0), "equi_unit": (13.0, 15.0)}.items():
+        (out / "summaries" / arm).mkdir(parents=True)
+        for seed, ap in enumerate(aps):
+            (out / "summaries" / arm / f"seed{seed}.json").write_text(json.dumps(summary(arm, seed, ap)))
+    report_only(out, "components")
+    report_only(out, "readings", ["both", "equi_unit"])
+    components = json.loads((out / "results.json").read_text())
+    readings = json.loads((out / "readings_results.json").read_text())
+    assert components["study"] == "components" and readings["study"] == "readings"
+    assert [r["arm"] for r in components["arms"]] == ["baseline", "both"]
+    assert [r["arm"] for r in readings["arms"]] == ["baseline", "both", "equi_unit"]
+    assert readings["arms"][2]["paired"]["AP"][:2] == [3.0, 0.0]  # +3 on both seeds
+    assert "`equi_unit`" in (out / "readings_results.md").read_text()
+    assert "`equi_unit`" not in (out / "results.md").read_text()
+    for name in ("results.csv", "results.png", "curves.png"):
+        assert (out / name).is_file() and (out / f"readings_{name}").is_file(), name

@@ -151,6 +151,12 @@ def common_grid(curves: list[list[list[float]]], every: int = 40):
     return grid, table
 
 
+def report_prefix(study: str) -> str:
+    """File-name prefix of a study's report: studies sharing one folder (their baselines have the same
+    fingerprint, so they may) must not overwrite each other's report. `components` keeps the bare names."""
+    return "" if study == "components" else f"{study}_"
+
+
 def plot(rows: list[dict], summaries: list[dict], out: Path, study: str) -> None:
     import matplotlib
 
@@ -169,7 +175,7 @@ def plot(rows: list[dict], summaries: list[dict], out: Path, study: str) -> None
     ax.set_title(f"{study}: mean ± 95% CI, dots = seeds")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=120)
+    fig.savefig(out / f"{report_prefix(study)}results.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -191,16 +197,17 @@ def plot(rows: list[dict], summaries: list[dict], out: Path, study: str) -> None
     else:
         ax.text(0.5, 0.5, "no evaluation during training", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
+    fig.savefig(out / f"{report_prefix(study)}curves.png", dpi=120)
     plt.close(fig)
 
 
 def write_report(out: Path, study: str, arms: list, summaries: list[dict]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows = arm_rows(arms, summaries)
-    (out / "results.md").write_text(markdown(study, rows))
-    write_csv(rows, out / "results.csv")
-    with open(out / "results.json", "w") as f:
+    stem = out / f"{report_prefix(study)}results"
+    stem.with_suffix(".md").write_text(markdown(study, rows))
+    write_csv(rows, stem.with_suffix(".csv"))
+    with open(stem.with_suffix(".json"), "w") as f:
         json.dump({"study": study, "arms": rows, "runs": summaries}, f, indent=1)
     plot(rows, summaries, out, study)
     return {"study": study, "arms": rows}

@@ -2,7 +2,8 @@
 
     DIR/runs/<arm>/seed<k>/        an `iuq train` run (iuq eval / iuq predict work on it); train.log
     DIR/summaries/<arm>/seed<k>.json   final metrics, val AP curve, s/step, the command (small: commit it)
-    DIR/results.{md,csv,json,png}, DIR/curves.png   (iuq/study/report.py)
+    DIR/results.{md,csv,json,png}, DIR/curves.png   the report (iuq/study/report.py); a study other
+                                     than `components` prefixes its name: DIR/readings_results.md, ...
 
 Each run is its own `iuq train` process (the command is in its summary, so any row can be rerun
 alone). A finished run (summary present) is skipped; a killed one resumes from its last checkpoint;
