@@ -1,10 +1,14 @@
-"""The GPU readiness check: smoke runs of every model type, IUQ step overhead, L_inter vs its roofline.
+"""The GPU readiness check: CUDA numerics and smoke runs of every model type, IUQ step overhead, L_inter
+vs its roofline.
 
     python benchmarks/gpu_check.py --out gpu_check_out                 # on a GPU: the paper's sizes
     python benchmarks/gpu_check.py --device cpu --out /tmp/gc          # the same logic, tiny sizes
 
 Each part runs in its own process under its own time cap (a failing part does not stop the next)
-and writes OUT/<part>.json; the last part writes OUT/summary.md, also printed:
+and writes OUT/<part>.json row by row; the driver writes OUT/summary.md, also printed:
+- numerics: one IUQ training step of every model type's demo config (random init, a full memory)
+  on the same batch, weights and random draws: CUDA fp32 (TF32 off) against the CPU in fp32 (every
+  loss term and the gradient of all parameters), and bf16 autocast against CUDA fp32.
 - smoke: `iuq train` of every model type with and without IUQ for one epoch of 2 steps (16 images,
   batch 8: the second step meets a non-empty memory) under bf16-mixed (CUDA) or fp32 (CPU) from
   random init, Lightning's validation at the epoch's end, the final evaluation and export, then
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -34,8 +40,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIGS = {"mask2former": "demo", "condinst": "condinst_demo", "solov2": "solov2_demo", "sotr": "sotr_demo"}
-PARTS = ("smoke", "overhead", "kernel")
+DEMO_CONFIGS = {"mask2former": "demo", "condinst": "condinst_demo", "solov2": "solov2_demo", "sotr": "sotr_demo",
+                "queryinst": "queryinst_demo"}  # fmt: skip
+PARTS = ("numerics", "smoke", "overhead", "kernel")
 
 
 def sizes(args) -> dict:
@@ -45,6 +52,130 @@ def sizes(args) -> dict:
                 "kernel_memories": [100_000, 1_000_000], "queries": 200, "dim": 256, "repeats": 10}  # fmt: skip
     return {"size": 64, "images": 2, "memories": [500, 2_000], "steps": 1, "warmup": 1,
             "kernel_memories": [20_000, 50_000], "queries": 20, "dim": 32, "repeats": 2}  # fmt: skip
+
+
+# -- numerics -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def host_random():
+    """Draw every `torch.rand` / `randn` / `randperm` on the CPU and move it to the asked device.
+
+    The CUDA and CPU generators give different streams for the same seed, so without this the
+    point sampling of Mask2Former's loss, CondInst's proposal cap and IUQ's pixel sampling would
+    differ between the two runs of one seeded step, and the check would compare two samples instead
+    of two devices. A generator on the device is mirrored by a CPU one of the same seed.
+    """
+    originals = {name: getattr(torch, name) for name in ("rand", "randn", "randperm")}
+    mirrors: dict[int, tuple[torch.Generator, torch.Generator]] = {}  # keeps the device generator alive
+
+    def on_host(fn):
+        def draw(*size, device=None, generator=None, **kw):
+            if generator is not None and generator.device.type != "cpu":
+                if id(generator) not in mirrors:
+                    mirrors[id(generator)] = (generator, torch.Generator().manual_seed(generator.initial_seed()))
+                generator = mirrors[id(generator)][1]
+            return fn(*size, generator=generator, **kw).to(device if device is not None else "cpu")
+
+        return draw
+
+    for name, fn in originals.items():
+        setattr(torch, name, on_host(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
+def one_step(model, crit, batch: dict, device: str, autocast: bool) -> tuple[dict[str, float], torch.Tensor]:
+    """Every loss term of one IUQ training step and the flat gradient of all trainable parameters."""
+    from iuq.engine.step import training_step
+
+    dev = torch.device(device)
+    images, mask = batch["images"].to(dev), batch["pixel_mask"].to(dev)
+    targets = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in t.items()} for t in batch["targets"]]
+    ids = torch.tensor([t["image_id"] for t in targets], device=dev)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    with host_random(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        res = training_step(model, crit, images, mask, targets, ids, torch.Generator().manual_seed(1))
+    res.loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double().cpu() for p in params])
+    terms = {k: float(v.detach().float()) for k, v in res.terms.items()}
+    return {"loss": float(res.loss.detach().float()), **terms}, grad
+
+
+def numerics(args) -> list[dict]:
+    """CUDA correctness and AMP: one IUQ step of each model's demo config (random init, a full
+    memory, the same batch, weights and random draws) on CUDA in fp32 (TF32 off) against the CPU in
+    fp32, and under bf16 autocast against CUDA fp32. On a CPU-only machine both sides run on the
+    CPU (the logic only; the differences are then zero)."""
+    import copy
+
+    from iuq.config import load_config
+    from iuq.data.coco import CocoInstances
+    from iuq.data.synthetic import SynthConfig, generate
+    from iuq.data.transforms import collate
+    from iuq.engine.step import build_criterion
+    from iuq.models.build import build_model
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    size, count = (128, 4) if args.device == "cuda" else (64, 2)
+    root = scratch("gc_numerics_")
+    generate(root, SynthConfig(images=count + 2, size=size, seed=0, val_fraction=2 / (count + 2)))
+    ds = CocoInstances(root / "annotations" / "instances_train.json", root / "train")
+    batch = collate([ds[i] for i in range(count)])
+    rows = []
+    for kind in args.models:
+        row = {"model": kind, "ok": False}
+        try:
+            cfg = load_config(ROOT / "configs" / f"{DEMO_CONFIGS[kind]}.yaml", ["model.backbone_weights=none"])
+            torch.manual_seed(0)
+            model = build_model(cfg.model, load_weights=False)
+            crit = build_criterion(cfg.iuq, model)
+            if crit.memory is not None:  # a full memory, so L_inter meets other images' pixels
+                g = torch.Generator().manual_seed(2)
+                crit.memory.embeddings.copy_(torch.randn(crit.memory.embeddings.shape, generator=g))
+                crit.memory.xy.copy_(torch.rand(crit.memory.xy.shape, generator=g))
+                crit.memory.image_ids.fill_(10**9)
+                crit.memory.count.fill_(crit.memory.capacity)
+            device = args.device
+            ref_terms, ref_grad = one_step(copy.deepcopy(model), copy.deepcopy(crit), batch, "cpu", False)
+            f32_terms, f32_grad = one_step(copy.deepcopy(model).to(device), copy.deepcopy(crit).to(device), batch,
+                                           device, False)  # fmt: skip
+            bf_terms, bf_grad = one_step(copy.deepcopy(model).to(device), copy.deepcopy(crit).to(device), batch,
+                                         device, device == "cuda")  # fmt: skip
+
+            def rel(a: float, b: float) -> float:
+                return abs(a - b) / max(abs(b), 1e-6)
+
+            def grad_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+                return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+            def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+                return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-12))
+
+            row.update(
+                terms={k: round(v, 5) for k, v in ref_terms.items()},
+                fp32_term_rel=max(rel(f32_terms[k], v) for k, v in ref_terms.items()),
+                fp32_grad_rel=grad_rel(f32_grad, ref_grad),
+                bf16_term_rel=max(rel(bf_terms[k], f32_terms[k]) for k in f32_terms),
+                bf16_grad_cos=cos(bf_grad, f32_grad),
+                finite=all(map(math.isfinite, [*f32_terms.values(), *bf_terms.values()]))
+                and bool(torch.isfinite(f32_grad).all() and torch.isfinite(bf_grad).all()),
+            )
+            worst = max(ref_terms, key=lambda k: rel(bf_terms[k], f32_terms[k]))
+            row["bf16_worst_term"] = worst
+            # CUDA fp32 must match the CPU to rounding; bf16 autocast to its precision (8 bits of mantissa).
+            row["ok"] = (row["finite"] and row["fp32_term_rel"] < 1e-3 and row["fp32_grad_rel"] < 1e-2
+                         and row["bf16_term_rel"] < 5e-2 and row["bf16_grad_cos"] > 0.98)  # fmt: skip
+            for k in ("fp32_term_rel", "fp32_grad_rel", "bf16_term_rel", "bf16_grad_cos"):
+                row[k] = float(f"{row[k]:.3g}")
+        except Exception as err:  # every model is checked, whatever fails before it
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        record(args, "numerics", rows, row)
+    return rows
 
 
 # -- smoke ----------------------------------------------------------------------------------------
@@ -85,8 +216,7 @@ def smoke(args) -> list[dict]:
             except Exception as err:  # a part reports every failure instead of stopping at the first
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             row["seconds"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            record(args, "smoke", rows, row)
     return rows
 
 
@@ -170,8 +300,7 @@ def overhead(args) -> list[dict]:
             row = {"model": kind, "arm": name, "median_ms": round(med * 1e3, 1), "ratio": round(med / base, 3),
                    "peak_gib": round(peak[0] / 2**30, 2) if cuda else None, "steps": len(times),
                    "batch": f"{s['images']} x 2 views, {s['size']} px"}  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            record(args, "overhead", rows, row)
         del built
         if cuda:
             torch.cuda.empty_cache()
@@ -214,8 +343,7 @@ def kernel(args) -> list[dict]:
                "roofline_ms": round(roofline * 1e3, 4) if roofline else None,
                "x_roofline": round(measured / roofline, 2) if roofline else None,
                "finite": bool(torch.isfinite(loss).item() and torch.isfinite(grad).all().item())}  # fmt: skip
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        record(args, "kernel", rows, row)
     return rows
 
 
@@ -223,7 +351,14 @@ def kernel(args) -> list[dict]:
 def summary(out: Path, device: str) -> str:
     lines = [f"# gpu_check ({device}; {torch.cuda.get_device_name() if device == 'cuda' else 'CPU, tiny sizes'})", ""]
     parts = {p: json.loads((out / f"{p}.json").read_text()) if (out / f"{p}.json").is_file() else None for p in PARTS}
-    lines += ["## smoke: train 2 steps, evaluate, export, `iuq eval` on the export", "",
+    lines += ["## numerics: one IUQ step, CUDA fp32 vs CPU fp32 and bf16 autocast vs CUDA fp32", "",
+              "| model | ok | fp32 max term rel | fp32 grad rel | bf16 max term rel (term) | bf16 grad cos | error |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in parts["numerics"] or []:
+        lines.append(f"| {r['model']} | {'yes' if r['ok'] else 'NO'} | {r.get('fp32_term_rel', '')} | "
+                     f"{r.get('fp32_grad_rel', '')} | {r.get('bf16_term_rel', '')} ({r.get('bf16_worst_term', '')}) | "
+                     f"{r.get('bf16_grad_cos', '')} | {r.get('error', '')} |")  # fmt: skip
+    lines += ["", "## smoke: train 2 steps, evaluate, export, `iuq eval` on the export", "",
               "| model | arm | ok | AP | AP by iuq eval | s | error |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in parts["smoke"] or []:
         lines.append(f"| {r['model']} | {r['arm']} | {'yes' if r['ok'] else 'NO'} | {r.get('AP', '')} | "
@@ -243,6 +378,14 @@ def summary(out: Path, device: str) -> str:
     if missing:
         lines += ["", f"parts without results (failed or out of time; see log): {', '.join(missing)}"]
     return "\n".join(lines) + "\n"
+
+
+def record(args, part: str, rows: list[dict], row: dict) -> None:
+    """Print a row and rewrite OUT/<part>.json with every row so far: a part stopped at its time cap
+    keeps what it measured."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    (args.out / f"{part}.json").write_text(json.dumps(rows, indent=1))
 
 
 def scratch(prefix: str) -> Path:
@@ -265,11 +408,11 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part != "all":
-        rows = {"smoke": smoke, "overhead": overhead, "kernel": kernel}[args.part](args)
+        rows = {"numerics": numerics, "smoke": smoke, "overhead": overhead, "kernel": kernel}[args.part](args)
         (args.out / f"{args.part}.json").write_text(json.dumps(rows, indent=1))
         return
     start = time.perf_counter()
-    shares = {"smoke": 0.4, "overhead": 0.45, "kernel": 0.15}  # of what is left when the part starts
+    shares = {"numerics": 0.2, "smoke": 0.4, "overhead": 0.3, "kernel": 0.1}  # of what is left when a part starts
     for i, part in enumerate(PARTS):
         left = args.budget - (time.perf_counter() - start)
         cap = max(10.0, left * shares[part] / sum(shares[q] for q in PARTS[i:]))

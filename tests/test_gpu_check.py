@@ -19,7 +19,10 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     summary = (out / "summary.md").read_text()
     rows = [line.split(" | ") for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
-    smoke = [r for r in rows if len(r) == 7 and r[0] == "| condinst"]
+    numerics = [r for r in rows if len(r) == 7 and r[0] == "| condinst" and r[1] in ("yes", "NO")]
+    # both sides on the CPU in fp32: the same step twice, so every difference is exactly zero
+    assert [r[1:6] for r in numerics] == [["yes", "0.0", "0.0", "0.0 (loss)", "1.0"]], summary
+    smoke = [r for r in rows if len(r) == 7 and r[0] == "| condinst" and r[1] in ("iuq", "baseline")]
     assert len(smoke) == 2 and all(r[2] == "yes" for r in smoke), summary  # train, export, iuq eval agree
     overhead = [r for r in rows if len(r) == 6 and r[2].endswith("64 px")]
     assert [(r[0].strip("| "), r[1]) for r in overhead] == [
