@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import copy
 import json
 import math
 import shutil
@@ -86,32 +87,54 @@ def host_random():
             setattr(torch, name, fn)
 
 
-def one_step(model, crit, batch: dict, device: str, autocast: bool) -> tuple[dict[str, float], torch.Tensor]:
-    """Every loss term of one IUQ training step and the flat gradient of all trainable parameters."""
+def one_step(model, crit, batch: dict, device: str, autocast: bool) -> tuple[dict[str, float], dict]:
+    """Every loss term of one IUQ training step, and the gradients of all trainable parameters: of
+    the total loss ("loss") and of each term alone, each {parameter name: flat float64 gradient}."""
     from iuq.engine.step import training_step
 
     dev = torch.device(device)
     images, mask = batch["images"].to(dev), batch["pixel_mask"].to(dev)
     targets = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in t.items()} for t in batch["targets"]]
     ids = torch.tensor([t["image_id"] for t in targets], device=dev)
-    model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     with host_random(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         res = training_step(model, crit, images, mask, targets, ids, torch.Generator().manual_seed(1))
-    res.loss.backward()
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double().cpu() for p in params])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = {}
+    for key, value in {"loss": res.loss, **res.terms}.items():
+        if not value.requires_grad:
+            continue
+        parts = torch.autograd.grad(value, [p for _, p in named], retain_graph=True, allow_unused=True)
+        grads[key] = {n: (g if g is not None else torch.zeros_like(p)).flatten().double().cpu()
+                      for (n, p), g in zip(named, parts, strict=True)}  # fmt: skip
     terms = {k: float(v.detach().float()) for k, v in res.terms.items()}
-    return {"loss": float(res.loss.detach().float()), **terms}, grad
+    return {"loss": float(res.loss.detach().float()), **terms}, grads
+
+
+def moved(model, crit, device: str):
+    """A copy of the pair on `device`; one deepcopy, so the criterion's decoder stays the model's module."""
+    model, crit = copy.deepcopy((model, crit))
+    return model.to(device), crit.to(device)
+
+
+def flat(grads: dict[str, torch.Tensor], module: str | None = None) -> torch.Tensor:
+    return torch.cat([g for n, g in grads.items() if module is None or module_of(n) == module])
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-30))
+
+
+def module_of(name: str) -> str:
+    """The parameter's module two levels down (backbone.stem, head.cls_tower, ...)."""
+    return ".".join(name.split(".")[:2])
 
 
 def numerics(args) -> list[dict]:
-    """CUDA correctness and AMP: one IUQ step of each model's demo config (random init, a full
-    memory, the same batch, weights and random draws) on CUDA in fp32 (TF32 off) against the CPU in
-    fp32, and under bf16 autocast against CUDA fp32. On a CPU-only machine both sides run on the
-    CPU (the logic only; the differences are then zero)."""
-    import copy
-
+    """CUDA correctness and AMP: one IUQ step of each model's demo config (random init unless
+    `--backbone-weights config`; a full memory; the same batch, weights and random draws) on CUDA
+    in fp32 (TF32 off) against the CPU in fp32, and under bf16 autocast against CUDA fp32. On a
+    CPU-only machine both sides run on the CPU (the logic only; the differences are then zero)."""
     from iuq.config import load_config
     from iuq.data.coco import CocoInstances
     from iuq.data.synthetic import SynthConfig, generate
@@ -130,9 +153,10 @@ def numerics(args) -> list[dict]:
     for kind in args.models:
         row = {"model": kind, "ok": False}
         try:
-            cfg = load_config(ROOT / "configs" / f"{DEMO_CONFIGS[kind]}.yaml", ["model.backbone_weights=none"])
+            weights = [] if args.backbone_weights == "config" else [f"model.backbone_weights={args.backbone_weights}"]
+            cfg = load_config(ROOT / "configs" / f"{DEMO_CONFIGS[kind]}.yaml", weights)
             torch.manual_seed(0)
-            model = build_model(cfg.model, load_weights=False)
+            model = build_model(cfg.model, load_weights=args.backbone_weights != "none")
             crit = build_criterion(cfg.iuq, model)
             if crit.memory is not None:  # a full memory, so L_inter meets other images' pixels
                 g = torch.Generator().manual_seed(2)
@@ -141,32 +165,33 @@ def numerics(args) -> list[dict]:
                 crit.memory.image_ids.fill_(10**9)
                 crit.memory.count.fill_(crit.memory.capacity)
             device = args.device
-            ref_terms, ref_grad = one_step(copy.deepcopy(model), copy.deepcopy(crit), batch, "cpu", False)
-            f32_terms, f32_grad = one_step(copy.deepcopy(model).to(device), copy.deepcopy(crit).to(device), batch,
-                                           device, False)  # fmt: skip
-            bf_terms, bf_grad = one_step(copy.deepcopy(model).to(device), copy.deepcopy(crit).to(device), batch,
-                                         device, device == "cuda")  # fmt: skip
+            ref_terms, ref_grads = one_step(*moved(model, crit, "cpu"), batch, "cpu", False)
+            f32_terms, f32_grads = one_step(*moved(model, crit, device), batch, device, False)
+            bf_terms, bf_grads = one_step(*moved(model, crit, device), batch, device, device == "cuda")
 
             def rel(a: float, b: float) -> float:
                 return abs(a - b) / max(abs(b), 1e-6)
 
-            def grad_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-                return float((a - b).norm() / b.norm().clamp(min=1e-12))
-
-            def cos(a: torch.Tensor, b: torch.Tensor) -> float:
-                return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-12))
-
+            ref_g, f32_g, bf_g = flat(ref_grads["loss"]), flat(f32_grads["loss"]), flat(bf_grads["loss"])
+            modules = sorted({module_of(n) for n in f32_grads["loss"]})
+            by_module = {m: (cos(flat(bf_grads["loss"], m), flat(f32_grads["loss"], m)),
+                             float(flat(f32_grads["loss"], m).norm() / f32_g.norm().clamp(min=1e-30)))
+                         for m in modules}  # fmt: skip
             row.update(
                 terms={k: round(v, 5) for k, v in ref_terms.items()},
                 fp32_term_rel=max(rel(f32_terms[k], v) for k, v in ref_terms.items()),
-                fp32_grad_rel=grad_rel(f32_grad, ref_grad),
+                fp32_grad_rel=float((f32_g - ref_g).norm() / ref_g.norm().clamp(min=1e-30)),
                 bf16_term_rel=max(rel(bf_terms[k], f32_terms[k]) for k in f32_terms),
-                bf16_grad_cos=cos(bf_grad, f32_grad),
+                bf16_grad_cos=cos(bf_g, f32_g),
+                # where bf16 departs: the gradient of each term that carries one (the base model's terms are
+            # logged detached), and the total's by module, and the total's by module (cos, norm share)
+                bf16_grad_cos_by_term={k: round(cos(flat(bf_grads[k]), flat(f32_grads[k])), 4) for k in f32_grads},
+                bf16_grad_cos_by_module={m: [round(c, 4), round(share, 4)] for m, (c, share) in
+                                         sorted(by_module.items(), key=lambda kv: kv[1][0])[:4]},  # fmt: skip
                 finite=all(map(math.isfinite, [*f32_terms.values(), *bf_terms.values()]))
-                and bool(torch.isfinite(f32_grad).all() and torch.isfinite(bf_grad).all()),
+                and bool(torch.isfinite(f32_g).all() and torch.isfinite(bf_g).all()),
             )
-            worst = max(ref_terms, key=lambda k: rel(bf_terms[k], f32_terms[k]))
-            row["bf16_worst_term"] = worst
+            row["bf16_worst_term"] = max(ref_terms, key=lambda k: rel(bf_terms[k], f32_terms[k]))
             # CUDA fp32 must match the CPU to rounding; bf16 autocast to its precision (8 bits of mantissa).
             row["ok"] = (row["finite"] and row["fp32_term_rel"] < 1e-3 and row["fp32_grad_rel"] < 1e-2
                          and row["bf16_term_rel"] < 5e-2 and row["bf16_grad_cos"] > 0.98)  # fmt: skip
@@ -316,7 +341,10 @@ def kernel(args) -> list[dict]:
     cuda = dev.type == "cuda"
     q_n, d = s["queries"], s["dim"]
     rows = []
-    for m in s["kernel_memories"]:
+    from iuq.core.config import IUQConfig
+
+    cuda_chunk = max(args.chunk_size, IUQConfig().cuda_chunk_pairs // q_n)  # what training uses on CUDA
+    for m, chunk in [(m, c) for m in s["kernel_memories"] for c in dict.fromkeys((args.chunk_size, cuda_chunk))]:
         g = torch.Generator(device=dev).manual_seed(0)
         dtype = torch.bfloat16 if cuda else torch.float32
         memory = torch.randn(m, d, device=dev, generator=g).to(dtype)  # a bf16 memory (iuq.memory_dtype)
@@ -329,7 +357,7 @@ def kernel(args) -> list[dict]:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = inter_scene_loss(q, q_ids, memory, pixel_ids, DotProductDecoder(), chunk_size=args.chunk_size)
+                loss = inter_scene_loss(q, q_ids, memory, pixel_ids, DotProductDecoder(), chunk_size=chunk)
             (grad,) = torch.autograd.grad(loss, q)
             if cuda:
                 torch.cuda.synchronize()
@@ -339,7 +367,7 @@ def kernel(args) -> list[dict]:
         flops = 4 * q_n * m * d  # forward logits 2QMD + the queries' gradient 2QMD
         read = m * d * memory.element_size()
         roofline = max(flops / (args.peak_tflops * 1e12), read / (args.bandwidth_tbs * 1e12)) if cuda else None
-        row = {"M": m, "Q": q_n, "D": d, "chunk": args.chunk_size, "median_ms": round(measured * 1e3, 3),
+        row = {"M": m, "Q": q_n, "D": d, "chunk": chunk, "median_ms": round(measured * 1e3, 3),
                "roofline_ms": round(roofline * 1e3, 4) if roofline else None,
                "x_roofline": round(measured / roofline, 2) if roofline else None,
                "finite": bool(torch.isfinite(loss).item() and torch.isfinite(grad).all().item())}  # fmt: skip
@@ -369,11 +397,11 @@ def summary(out: Path, device: str) -> str:
         lines.append(f"| {r['model']} | {r['arm']} | {r['batch']} | {r['median_ms']} | {r['ratio']} | "
                      f"{r['peak_gib'] if r['peak_gib'] is not None else 'n/a'} |")  # fmt: skip
     lines += ["", "## kernel: L_inter forward + query gradient vs roofline", "",
-              "| M | Q | D | median ms | roofline ms | x roofline | finite |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| M | Q | D | chunk | median ms | roofline ms | x roofline | finite |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in parts["kernel"] or []:
-        lines.append(f"| {r['M']} | {r['Q']} | {r['D']} | {r['median_ms']} | {r['roofline_ms'] or 'n/a'} | "
-                     f"{r['x_roofline'] or 'n/a'} | {r['finite']} |")  # fmt: skip
+        lines.append(f"| {r['M']} | {r['Q']} | {r['D']} | {r['chunk']} | {r['median_ms']} | "
+                     f"{r['roofline_ms'] or 'n/a'} | {r['x_roofline'] or 'n/a'} | {r['finite']} |")  # fmt: skip
     missing = [p for p, v in parts.items() if v is None]
     if missing:
         lines += ["", f"parts without results (failed or out of time; see log): {', '.join(missing)}"]
@@ -402,6 +430,8 @@ def main() -> None:
     p.add_argument("--part", choices=("all", *PARTS), default="all")
     p.add_argument("--models", nargs="+", default=list(DEMO_CONFIGS), choices=list(DEMO_CONFIGS))
     p.add_argument("--budget", type=float, default=470.0, help="seconds for all parts together")
+    p.add_argument("--backbone-weights", default="none",
+                   help="numerics: 'none' (random init) or 'config' (each demo config's own: ImageNet)")  # fmt: skip
     p.add_argument("--chunk-size", type=int, default=16384)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H200: 989)")
     p.add_argument("--bandwidth-tbs", type=float, default=4.8, help="memory bandwidth of the GPU (H200: 4.8)")

@@ -30,5 +30,5 @@ def test_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     ], summary
     assert all(r[4] == "1.0" for r in overhead if r[1] == "baseline")
     kernel = [r for r in rows if r[0] in ("| 20000", "| 50000")]
-    assert len(kernel) == 2 and all(r[-1] == "True |" for r in kernel), summary
+    assert len(kernel) == 4 and all(r[-1] == "True |" for r in kernel), summary
     assert "parts without results" not in summary

@@ -264,6 +264,8 @@ def test_shipped_configs_validate():
     assert (coco.train.lr, coco.train.weight_decay, coco.train.backbone_lr_mult, coco.train.grad_clip) == (
         1e-4, 1e-4, 0.1, 0.1)
     assert [round(f * 12) for f in coco.train.step_milestones] == [8, 11]
+    # fp32 with TF32, as mmdetection trains it: bf16 autocast's gradient had cosine 0.49 to fp32's on an H200
+    assert (coco.train.precision, coco.train.tf32) == ("32-true", True)
     lvis = load_config(ROOT / "configs" / "solov2_lvis_r50_1x.yaml")
     assert (lvis.eval.metric, lvis.eval.max_dets, lvis.data.repeat_factor_threshold) == ("lvis", 300, 0.001)
     assert lvis.model.type == "solov2" and lvis.train.max_epochs == 12 and lvis.data.batch_size * 8 == 16
