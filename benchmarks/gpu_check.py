@@ -183,8 +183,8 @@ def numerics(args) -> list[dict]:
                 fp32_grad_rel=float((f32_g - ref_g).norm() / ref_g.norm().clamp(min=1e-30)),
                 bf16_term_rel=max(rel(bf_terms[k], f32_terms[k]) for k in f32_terms),
                 bf16_grad_cos=cos(bf_g, f32_g),
-                # where bf16 departs: the gradient of each term that carries one (the base model's terms are
-            # logged detached), and the total's by module, and the total's by module (cos, norm share)
+                # where bf16 departs: the gradient of each term that carries one (the base model's
+                # terms are logged detached), and the total's by module as (cosine, share of the norm)
                 bf16_grad_cos_by_term={k: round(cos(flat(bf_grads[k]), flat(f32_grads[k])), 4) for k in f32_grads},
                 bf16_grad_cos_by_module={m: [round(c, 4), round(share, 4)] for m, (c, share) in
                                          sorted(by_module.items(), key=lambda kv: kv[1][0])[:4]},  # fmt: skip
