@@ -186,8 +186,10 @@ def numerics(args) -> list[dict]:
                 # where bf16 departs: the gradient of each term that carries one (the base model's
                 # terms are logged detached), and the total's by module as (cosine, share of the norm)
                 bf16_grad_cos_by_term={k: round(cos(flat(bf_grads[k]), flat(f32_grads[k])), 4) for k in f32_grads},
-                bf16_grad_cos_by_module={m: [round(c, 4), round(share, 4)] for m, (c, share) in
-                                         sorted(by_module.items(), key=lambda kv: kv[1][0])[:4]},  # fmt: skip
+                bf16_grad_cos_by_module={
+                    m: [round(c, 4), round(share, 4)]
+                    for m, (c, share) in sorted(by_module.items(), key=lambda kv: kv[1][0])[:4]
+                },  # fmt: skip
                 finite=all(map(math.isfinite, [*f32_terms.values(), *bf_terms.values()]))
                 and bool(torch.isfinite(f32_g).all() and torch.isfinite(bf_g).all()),
             )
@@ -235,8 +237,10 @@ def smoke(args) -> list[dict]:
                 row.update(AP=round(metrics["AP"], 3), eval_AP=round(again["AP"], 3))
                 log = (work / name / "logs" / "metrics.csv").read_text()
                 validated = "val/AP" in log.splitlines()[0]  # Lightning's validation at the epoch's end
-                row["ok"] = validated and abs(metrics["AP"] - again["AP"]) < 1e-6 and all(
-                    (work / name / f).exists() for f in ("model", "checkpoints/last.ckpt", "metrics.json")
+                row["ok"] = (
+                    validated
+                    and abs(metrics["AP"] - again["AP"]) < 1e-6
+                    and all((work / name / f).exists() for f in ("model", "checkpoints/last.ckpt", "metrics.json"))
                 )
             except Exception as err:  # a part reports every failure instead of stopping at the first
                 row["error"] = f"{type(err).__name__}: {str(err)[:300]}"

@@ -3,6 +3,7 @@ to mix settings, every output written)."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -97,11 +98,13 @@ def test_a_small_study_runs_resumes_and_refuses_other_settings(tiny_data, tmp_pa
             # one epoch, val every epoch: the last evaluation is of the final model, logged at steps - 1 (late_ap)
             assert summary["steps"] > 0 and summary["val_curve"][-1][0] == summary["steps"] - 1
             assert summary["command"].startswith(f"iuq train {config}")
+            assert summary["model"] == "mask2former"  # the config's default type
             assert [r["from_step"] for r in summary["environment"]] == [0]  # one start, from scratch
     both = json.loads((out / "summaries" / "both" / "seed0.json").read_text())["logged_means"]
     assert "diag/grad_share/query/inter" in both and "train/loss_inter" in both
     md = (out / "results.md").read_text()
-    assert "`both`" in md and "paper AP" in md and "38.1 (+2.6)" in md
+    # Mask2Former's own Table 1 rows (Swin-S, test-dev), not CondInst's Table 3 (38.1, +2.6)
+    assert "`both`" in md and "paper AP" in md and "46.7 (+2.2)" in md and "38.1" not in md
     capsys.readouterr()
 
     mtime = (out / "runs" / "both" / "seed1" / "metrics.json").stat().st_mtime
@@ -225,3 +228,36 @@ def test_two_studies_in_one_folder_keep_their_own_reports(tmp_path):
     assert "`equi_unit`" not in (out / "results.md").read_text()
     for name in ("results.csv", "results.png", "curves.png"):
         assert (out / name).is_file() and (out / f"readings_{name}").is_file(), name
+
+
+def test_paper_rows_follow_the_studied_model(tmp_path, monkeypatch):
+    """The paper ablates CondInst only: other models get their Table 1 rows in `components` and no
+    row elsewhere; summaries from before they named their model tell it by their command's config."""
+    from iuq.study.arms import paper_rows, study_arms
+    from iuq.study.report import METRICS
+    from iuq.study.runner import report_only, summaries_model
+
+    components = study_arms("components")
+    caption, rows = paper_rows("components", components, "sotr")
+    assert "sotr ResNet-50" in caption and "Table 1" in caption
+    assert [None if r is None else r["AP"] for r in rows.values()] == [39.6, None, None, 42.2]
+    assert paper_rows("components", components, "condinst")[1]["both"]["AP"] == 38.1  # Table 3
+    assert paper_rows("components", components, None)[1]["inter"]["AP"] == 37.6
+    assert set(paper_rows("readings", study_arms("readings"), "solov2")[1].values()) == {None}
+    assert set(paper_rows("components", components, "queryinst")[1].values()) == {None}
+
+    monkeypatch.chdir(tmp_path)
+    Path("solo.yaml").write_text("model:\n  type: solov2\n")
+    old = {"arm": "baseline", "seed": 0, "command": "iuq train solo.yaml --out x --set train.seed=0"}
+    assert summaries_model([old]) == "solov2"
+    assert summaries_model([{**old, "command": "iuq train gone.yaml --out x"}]) is None
+    assert summaries_model([old, {**old, "model": "sotr"}]) is None  # two models: no single row
+
+    out = tmp_path / "study"
+    for arm, ap in (("baseline", 10.0), ("both", 12.0)):
+        (out / "summaries" / arm).mkdir(parents=True)
+        summary = {**old, "arm": arm, "metrics": {key: ap for key in METRICS}, "val_curve": [], "steps": 20}
+        (out / "summaries" / arm / "seed0.json").write_text(json.dumps(summary))
+    report_only(out, "components")
+    md = (out / "results.md").read_text()
+    assert "solov2 ResNet-50" in md and "| 35.1 (+0.0) |" in md and "| 38.3 (+3.2) |" in md

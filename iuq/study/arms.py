@@ -6,7 +6,9 @@ so arms differ in the IUQ terms only: the paper's baseline is trained with G as 
 reference of the paired differences.
 
 The paper's rows are CondInst R50 on COCO val2017 (Tables 3 and 4): AP, AP50, AP75, APs, APm, APl
-where printed (Table 4 prints AP, APs, APm, APl only; None where a value is not printed).
+where printed (Table 4 prints AP, APs, APm, APl only; None where a value is not printed). The
+paper ablates CondInst only: for another model the report shows that model's Table 1 rows instead
+(`paper_rows`), and nothing where the paper has no row.
 """
 
 from __future__ import annotations
@@ -137,3 +139,34 @@ def study_arms(name: str, only: list[str] | None = None) -> list[Arm]:
         combos = [combined_arm(n, arms) for n in dict.fromkeys(only) if "+" in n]
         arms = [a for i, a in enumerate(arms) if i == 0 or a.name in only] + combos
     return arms
+
+
+def _t1(*values: float) -> dict:
+    return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), values, strict=True))
+
+
+# Table 1 (COCO test-dev, each model's own schedule): every base model at its smallest backbone,
+# without and with IUQ (both terms). QueryInst is not among the paper's base models.
+TABLE1 = {
+    "condinst": ("ResNet-50", _t1(35.5, 55.8, 37.7, 16.8, 39.2, 50.6), _t1(38.6, 61.1, 41.2, 19.7, 41.1, 54.7)),
+    "solov2": ("ResNet-50", _t1(35.1, 55.5, 37.0, 13.9, 38.4, 53.7), _t1(38.3, 59.6, 40.6, 17.8, 41.8, 56.2)),
+    "sotr": ("ResNet-50", _t1(39.6, 60.7, 42.6, 10.3, 58.7, 72.1), _t1(42.2, 61.9, 43.9, 11.0, 60.5, 73.5)),
+    "mask2former": ("Swin-S", _t1(44.5, 68.2, 47.7, 24.3, 49.0, 66.6), _t1(46.7, 70.7, 50.1, 27.0, 50.9, 68.8)),
+}
+
+
+def paper_rows(study: str, arms: list[Arm], model: str | None) -> tuple[str, dict[str, dict | None]]:
+    """(caption, the paper's row for each arm) for a study of base model `model` (None: not known,
+    as for summaries written before they named their model; the CondInst rows are shown then)."""
+    if model in (None, "condinst"):
+        caption = "Paper: its CondInst R50 COCO val2017 row (Tables 3-4) and its gain over its reference row."
+        return caption, {a.name: a.paper for a in arms}
+    if model in TABLE1 and study == "components":
+        backbone, base, ours = TABLE1[model]
+        caption = (
+            f"Paper: {model} {backbone} on COCO test-dev without (`baseline`) and with both terms (`both`), "
+            "Table 1; it ablates CondInst only, so the single-term arms have no row."
+        )
+        return caption, {a.name: base if a.name == "baseline" else ours if a.name == "both" else None for a in arms}
+    caption = f"Paper: no row for {model} in this study (the paper ablates CondInst only)."
+    return caption, {a.name: None for a in arms}

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from iuq.study.arms import paper_rows
+
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -65,7 +67,8 @@ def _fmt(mean: float, half: float | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}" if half is not None else f"{mean:.{digits}f}"
 
 
-def arm_rows(arms: list, summaries: list[dict]) -> list[dict]:
+def arm_rows(arms: list, summaries: list[dict], paper: dict[str, dict | None] | None = None) -> list[dict]:
+    """One row per arm; `paper`: the paper's row per arm name (default: each arm's own, CondInst's)."""
     by_arm = {a.name: [s for s in summaries if s["arm"] == a.name] for a in arms}
     reference = arms[0].name
     rows = []
@@ -78,12 +81,15 @@ def arm_rows(arms: list, summaries: list[dict]) -> list[dict]:
         row["s_per_step"] = mean_ci([s.get("s_per_step") for s in runs])
         if arm.name != reference:
             row["paired"] = {k: paired(runs, by_arm[reference], k) for k in (*METRICS, "late_AP")}
-        row["paper"] = arm.paper
+        row["paper"] = arm.paper if paper is None else paper.get(arm.name)
         rows.append(row)
     return rows
 
 
-def markdown(study: str, rows: list[dict]) -> str:
+CONDINST_CAPTION = "Paper: its CondInst R50 COCO val2017 row and its gain over its reference row."
+
+
+def markdown(study: str, rows: list[dict], paper_caption: str = CONDINST_CAPTION) -> str:
     ref = rows[0]["arm"]
     paper_ref = rows[0]["paper"]
     lines = [
@@ -91,7 +97,7 @@ def markdown(study: str, rows: list[dict]) -> str:
         "",
         f"Mean ± 95% CI (Student t over seeds); Δ is the paired difference to `{ref}` on the same seeds. "
         f"Late AP: the mean of the final AP and the last {LATE_EVALS - 1} evaluations during training. "
-        "Paper: its CondInst R50 COCO val2017 row and its gain over its reference row.",
+        f"{paper_caption}",
         "",
         "| arm | n | AP | AP50 | AP75 | APs | APm | APl | late AP | s/step | ΔAP vs " + ref + " | "
         "Δ late AP | paper AP (Δ) |",
@@ -201,11 +207,13 @@ def plot(rows: list[dict], summaries: list[dict], out: Path, study: str) -> None
     plt.close(fig)
 
 
-def write_report(out: Path, study: str, arms: list, summaries: list[dict]) -> dict:
+def write_report(out: Path, study: str, arms: list, summaries: list[dict], model: str | None = None) -> dict:
+    """model: the studied base model's type, which decides the paper rows shown (arms.paper_rows)."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = arm_rows(arms, summaries)
+    caption, paper = paper_rows(study, arms, model)
+    rows = arm_rows(arms, summaries, paper)
     stem = out / f"{report_prefix(study)}results"
-    stem.with_suffix(".md").write_text(markdown(study, rows))
+    stem.with_suffix(".md").write_text(markdown(study, rows, caption))
     write_csv(rows, stem.with_suffix(".csv"))
     with open(stem.with_suffix(".json"), "w") as f:
         json.dump({"study": study, "arms": rows, "runs": summaries}, f, indent=1)

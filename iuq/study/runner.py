@@ -27,7 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from iuq.config import load_config
+import yaml
+
+from iuq.config import ConfigError, load_config
 from iuq.engine.run_dir import RunDirError, RunLock
 from iuq.engine.train import prepare_data
 from iuq.study.arms import Arm, study_arms
@@ -124,9 +126,12 @@ def summarise(run_dir: Path, arm: Arm, seed: int, command: list[str], fp: str, m
     with open(run_dir / "metrics.json") as f:
         metrics = json.load(f)
     timing = _optional_json(run_dir / "timing.json") or {}
+    with open(run_dir / "config.yaml") as f:
+        model = yaml.safe_load(f)["model"]["type"]
     return {
         "arm": arm.name,
         "seed": seed,
+        "model": model,  # which of the paper's rows the report shows
         "metrics": metrics,
         "val_curve": val_curve(run_dir),
         "s_per_step": timing.get("s_per_step"),
@@ -279,7 +284,26 @@ def ablate(
         )
     order = {a.name: i for i, a in enumerate(chosen)}
     summaries.sort(key=lambda s: (order[s["arm"]], s["seed"]))
-    return write_report(out, study, chosen, summaries)
+    return write_report(out, study, chosen, summaries, load_config(config, user_sets).model.type)
+
+
+def summaries_model(summaries: list[dict]) -> str | None:
+    """The base model the summaries are runs of, or None when that is not known: summaries written
+    before they named it tell it by their command's config, when that file is still there."""
+    models = set()
+    for s in summaries:
+        model = s.get("model")
+        if model is None:
+            words = s.get("command", "").split()  # "iuq train CONFIG --out ... --set ..."
+            if len(words) < 3 or not Path(words[2]).is_file():
+                return None
+            sets = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
+            try:
+                model = load_config(Path(words[2]), sets).model.type
+            except ConfigError:
+                return None
+        models.add(model)
+    return models.pop() if len(models) == 1 else None
 
 
 def _committed(out: Path, study: str, arms: list[str] | None) -> tuple[list, list[dict]]:
@@ -298,7 +322,7 @@ def _committed(out: Path, study: str, arms: list[str] | None) -> tuple[list, lis
 def report_only(out: Path, study: str, arms: list[str] | None = None) -> dict:
     """The report from the summaries under DIR/summaries alone (e.g. committed ones)."""
     chosen, summaries = _committed(out, study, arms)
-    return write_report(out, study, chosen, summaries)
+    return write_report(out, study, chosen, summaries, summaries_model(summaries))
 
 
 def choose(out: Path, study: str, arms: list[str] | None, seeds: tuple[int, ...]) -> str:

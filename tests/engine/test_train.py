@@ -258,11 +258,21 @@ def test_shipped_configs_validate():
         assert run.model == base.model and run.data == base.data and run.train == base.train
     coco = load_config(ROOT / "configs" / "queryinst_coco_r50_1x.yaml")  # mmdetection's R50 1x recipe
     q = coco.model.queryinst
-    assert (q.proposals, q.stages, q.fpn_channels, q.dynamic_channels, q.ffn_dim, q.mask_convs) == (100, 6, 256, 64,
-                                                                                                     2048, 4)
+    assert (q.proposals, q.stages, q.fpn_channels, q.dynamic_channels, q.ffn_dim, q.mask_convs) == (
+        100,
+        6,
+        256,
+        64,
+        2048,
+        4,
+    )
     assert coco.data.batch_size * 8 == 16 and coco.train.max_steps == 90_000 and coco.train.optimizer == "adamw"
     assert (coco.train.lr, coco.train.weight_decay, coco.train.backbone_lr_mult, coco.train.grad_clip) == (
-        1e-4, 1e-4, 0.1, 0.1)
+        1e-4,
+        1e-4,
+        0.1,
+        0.1,
+    )
     assert [round(f * 12) for f in coco.train.step_milestones] == [8, 11]
     # fp32 with TF32, as mmdetection trains it: bf16 autocast's gradient had cosine 0.49 to fp32's on an H200
     assert (coco.train.precision, coco.train.tf32) == ("32-true", True)

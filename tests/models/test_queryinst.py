@@ -224,7 +224,7 @@ def test_all_stages_reading_decodes_each_query_with_its_stage_head():
     n_stages = len(model.stages)
     assert [q.shape[0] for q in queries] == [n_stages * q.shape[0] for q in out.queries]
     assert stages[0].tolist() == [s for s in range(n_stages) for _ in range(out.queries[0].shape[0])]
-    torch.testing.assert_close(queries[0][-out.queries[0].shape[0]:], out.queries[0])  # the last stage's block
+    torch.testing.assert_close(queries[0][-out.queries[0].shape[0] :], out.queries[0])  # the last stage's block
     # The staged decoder equals each stage's own head.
     feats = torch.randn(queries[0].shape[0], model.pixel_dim, model.roi_size, model.roi_size)
     labels = targets[0]["labels"][instances[0]]
