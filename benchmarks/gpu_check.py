@@ -271,11 +271,10 @@ def overhead_model(kind: str, device: str):
 
 def overhead(args) -> list[dict]:
     from iuq.core.config import IUQConfig
-    from iuq.core.criterion import IUQCriterion
     from iuq.data.coco import CocoInstances
     from iuq.data.synthetic import SynthConfig, generate
     from iuq.data.transforms import collate
-    from iuq.engine.step import training_step
+    from iuq.engine.step import build_criterion, training_step
     from iuq.models.build import build_model
 
     s, dev = sizes(args), torch.device(args.device)
@@ -296,9 +295,7 @@ def overhead(args) -> list[dict]:
         for name, cfg in arms.items():
             torch.manual_seed(0)
             model = build_model(overhead_model(kind, args.device), load_weights=False).to(dev)
-            crit = IUQCriterion(
-                cfg, model.decoder, model.pixel_dim, model.mask_loss, model.mask_loss_weight, model.equi_upsample
-            ).to(dev)
+            crit = build_criterion(cfg, model).to(dev)
             if crit.memory is not None:  # a full memory, as in steady-state training
                 crit.memory.embeddings.normal_()
                 crit.memory.xy.uniform_()
