@@ -155,12 +155,14 @@ TABLE1 = {
 }
 
 
+CONDINST_CAPTION = "Paper: its CondInst R50 COCO val2017 row (Tables 3-4) and its gain over its reference row."
+
+
 def paper_rows(study: str, arms: list[Arm], model: str | None) -> tuple[str, dict[str, dict | None]]:
     """(caption, the paper's row for each arm) for a study of base model `model` (None: not known,
     as for summaries written before they named their model; the CondInst rows are shown then)."""
     if model in (None, "condinst"):
-        caption = "Paper: its CondInst R50 COCO val2017 row (Tables 3-4) and its gain over its reference row."
-        return caption, {a.name: a.paper for a in arms}
+        return CONDINST_CAPTION, {a.name: a.paper for a in arms}
     if model in TABLE1 and study == "components":
         backbone, base, ours = TABLE1[model]
         caption = (

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from iuq.study.arms import paper_rows
+from iuq.study.arms import CONDINST_CAPTION, paper_rows
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -86,9 +86,6 @@ def arm_rows(arms: list, summaries: list[dict], paper: dict[str, dict | None] | 
     return rows
 
 
-CONDINST_CAPTION = "Paper: its CondInst R50 COCO val2017 row and its gain over its reference row."
-
-
 def markdown(study: str, rows: list[dict], paper_caption: str = CONDINST_CAPTION) -> str:
     ref = rows[0]["arm"]
     paper_ref = rows[0]["paper"]
@@ -96,8 +93,7 @@ def markdown(study: str, rows: list[dict], paper_caption: str = CONDINST_CAPTION
         f"# Study `{study}`",
         "",
         f"Mean ± 95% CI (Student t over seeds); Δ is the paired difference to `{ref}` on the same seeds. "
-        f"Late AP: the mean of the final AP and the last {LATE_EVALS - 1} evaluations during training. "
-        f"{paper_caption}",
+        f"Late AP: the mean of the final AP and the last {LATE_EVALS - 1} evaluations during training. {paper_caption}",
         "",
         "| arm | n | AP | AP50 | AP75 | APs | APm | APl | late AP | s/step | ΔAP vs " + ref + " | "
         "Δ late AP | paper AP (Δ) |",
