@@ -252,6 +252,9 @@ def test_paper_rows_follow_the_studied_model(tmp_path, monkeypatch):
     assert summaries_model([old]) == "solov2"
     assert summaries_model([{**old, "command": "iuq train gone.yaml --out x"}]) is None
     assert summaries_model([old, {**old, "model": "sotr"}]) is None  # two models: no single row
+    # A model.type override decides; a --set key that no longer exists does not hide the model.
+    cmd = "iuq train solo.yaml --out x --set model.type=condinst --set iuq.gone_key=1"
+    assert summaries_model([{**old, "command": cmd}]) == "condinst"
 
     out = tmp_path / "study"
     for arm, ap in (("baseline", 10.0), ("both", 12.0)):

@@ -200,6 +200,7 @@ def ablate(
     if seeds < 1:
         raise ValueError(f"--seeds: need at least 1, got {seeds}")
     user_sets = list(user_sets or [])
+    cfg = load_config(config, user_sets)  # for the data and the report; the runs read the file themselves
     chosen = study_arms(study, arms)
     todo, summaries = [], []
     # Seed by seed: the arms of one seed finish together, so a stopped study already holds pairs.
@@ -221,7 +222,7 @@ def ablate(
                 continue
             todo.append((arm, seed, sets, fp, path))
     if todo:  # once, before runs start side by side and would each write the synthetic data
-        prepare_data(load_config(config, user_sets))
+        prepare_data(cfg)
     total, finished, t0 = len(todo), 0, time.perf_counter()
     print(f"study {study}: {len(chosen)} arms x {seeds} seeds, {total} run(s) to do, {jobs} at a time", flush=True)
 
@@ -284,23 +285,29 @@ def ablate(
         )
     order = {a.name: i for i, a in enumerate(chosen)}
     summaries.sort(key=lambda s: (order[s["arm"]], s["seed"]))
-    return write_report(out, study, chosen, summaries, load_config(config, user_sets).model.type)
+    return write_report(out, study, chosen, summaries, cfg.model.type)
 
 
 def summaries_model(summaries: list[dict]) -> str | None:
     """The base model the summaries are runs of, or None when that is not known: summaries written
     before they named it tell it by their command's config, when that file is still there."""
     models = set()
+    resolved: dict[tuple, str | None] = {}  # arms and seeds of one study share their config
     for s in summaries:
         model = s.get("model")
         if model is None:
             words = s.get("command", "").split()  # "iuq train CONFIG --out ... --set ..."
             if len(words) < 3 or not Path(words[2]).is_file():
                 return None
-            sets = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
-            try:
-                model = load_config(Path(words[2]), sets).model.type
-            except ConfigError:
+            # Only a model.type override can change the answer; the other --set keys are not read.
+            key = (words[2], tuple(w for w in words if w.startswith("model.type=")))
+            if key not in resolved:
+                try:
+                    resolved[key] = load_config(Path(key[0]), list(key[1])).model.type
+                except ConfigError:
+                    resolved[key] = None
+            model = resolved[key]
+            if model is None:
                 return None
         models.add(model)
     return models.pop() if len(models) == 1 else None
