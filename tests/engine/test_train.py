@@ -225,6 +225,12 @@ def test_shipped_configs_validate():
     dev = load_config(ROOT / "configs" / "demo_dev.yaml")  # the demo's dev split: other data, same everything else
     assert dev.model == demo.model and dev.iuq == demo.iuq and dev.train == demo.train
     assert (dev.data.synthetic.seed, demo.data.synthetic.seed) == (1, 0)
+
+    def reading(c):  # Mask2Former's measured reading ships where it was chosen and confirmed (evidence 10.11)
+        return c.iuq.inter_center, c.iuq.equi_stopgrad, c.iuq.equi_weight_base
+
+    assert reading(demo) == reading(load_config(ROOT / "configs" / "paste.yaml")) == (True, "features", "unit")
+    assert reading(load_config(ROOT / "configs" / "nuclei24.yaml")) == (False, "none", "weighted")
     assert dev.data.synthetic.dir != demo.data.synthetic.dir
     assert dev.data.train_ann.startswith(dev.data.synthetic.dir) and dev.data.val_ann.startswith(dev.data.synthetic.dir)
     nuclei, base = (
