@@ -194,12 +194,12 @@ def test_a_run_taken_after_the_probe_is_left_to_its_taker(tiny_data, tmp_path, c
     flags = [a for kv in sets for a in ("--set", kv)]
     out = tmp_path / "study"
     taken = out / "runs" / "baseline" / "seed0"
-    held = []
+    held, real_call = [], subprocess.call
 
     def call_after_someone_took_baseline(cmd, **kwargs):
         if Path(cmd[cmd.index("--out") + 1]) == taken:
             held.append(RunLock(taken).acquire())
-        return subprocess.call(cmd, **kwargs)
+        return real_call(cmd, **kwargs)
 
     monkeypatch.setattr(runner.subprocess, "call", call_after_someone_took_baseline)
     args = ["ablate", str(config), "--study", "components", "--arms", "both", "--seeds", "1", "--jobs", "1"]
