@@ -363,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         if not expected:
             message = f"unexpected {type(err).__name__}: {message} (run again with --debug for the traceback)"
         print(f"iuq: error: {message}", file=sys.stderr)
-        return 2 if expected else 1
+        if not expected:
+            return 1
+        return getattr(err, "exit_code", 2)  # a run directory in use: 75, which `iuq ablate` reads
     return 0
 
 

@@ -3,6 +3,8 @@ to mix settings, every output written)."""
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,10 +148,14 @@ def test_a_failed_run_stops_the_study_before_the_next_starts(tiny_data, tmp_path
     args = ["ablate", str(config), "--study", "components", "--arms", "both", "--seeds", "2", "--jobs", "1"]
     assert main([*args, "--out", str(out), *flags]) == 2
     assert "arm baseline seed 0 failed" in capsys.readouterr().err
-    assert sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/*")) == ["baseline/seed0"]
+    started = sorted(p.relative_to(out / "runs").as_posix() for p in (out / "runs").glob("*/*") if p.is_dir())
+    assert started == ["baseline/seed0"]
 
 
-def test_a_run_another_process_is_training_is_left_to_it(tiny_data, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("claim", [False, True], ids=["train-lock", "ablate-claim"])
+def test_a_run_another_process_is_training_is_left_to_it(tiny_data, tmp_path, capsys, claim):  # noqa: F811
+    """Held by a running `iuq train` (its folder's lock) or by another `iuq ablate` whose child has
+    not locked the folder yet (the claim beside it): either way the run is not touched."""
     from iuq.engine.run_dir import RunLock
 
     config = tmp_path / "tiny.yaml"
@@ -160,7 +166,7 @@ def test_a_run_another_process_is_training_is_left_to_it(tiny_data, tmp_path, ca
     busy = out / "runs" / "baseline" / "seed0"  # a second `iuq ablate` is training it, no checkpoint yet
     busy.mkdir(parents=True)
     (busy / "train.log").write_text("step 1/2\n")
-    lock = RunLock(busy).acquire()
+    lock = RunLock(busy, claim=claim).acquire()
     try:
         args = ["ablate", str(config), "--study", "components", "--arms", "both", "--seeds", "1", "--jobs", "1"]
         assert main([*args, "--out", str(out), *flags]) == 0
@@ -174,6 +180,56 @@ def test_a_run_another_process_is_training_is_left_to_it(tiny_data, tmp_path, ca
     assert (out / "summaries" / "both" / "seed0.json").is_file()
     report = json.loads((out / "results.json").read_text())
     assert [(r["arm"], r["n"]) for r in report["arms"]] == [("baseline", 0), ("both", 1)]
+
+
+def test_a_run_taken_after_the_probe_is_left_to_its_taker(tiny_data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A plain `iuq train` locks the folder after `iuq ablate` probed it: the child exits 75 and the
+    study goes on with its other runs instead of failing."""
+    from iuq.engine.run_dir import RunLock
+    from iuq.study import runner
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    sets = tiny_overrides(tiny_data, tmp_path / "unused", **{"train.max_steps": 2})
+    flags = [a for kv in sets for a in ("--set", kv)]
+    out = tmp_path / "study"
+    taken = out / "runs" / "baseline" / "seed0"
+    held, real_call = [], subprocess.call
+
+    def call_after_someone_took_baseline(cmd, **kwargs):
+        if Path(cmd[cmd.index("--out") + 1]) == taken:
+            held.append(RunLock(taken).acquire())
+        return real_call(cmd, **kwargs)
+
+    monkeypatch.setattr(runner.subprocess, "call", call_after_someone_took_baseline)
+    args = ["ablate", str(config), "--study", "components", "--arms", "both", "--seeds", "1", "--jobs", "1"]
+    try:
+        assert main([*args, "--out", str(out), *flags]) == 0
+    finally:
+        held[0].release()
+    printed = capsys.readouterr().out
+    assert f"arm baseline seed 0: left to the process training it ({taken} was taken by another iuq process" in printed
+    assert "is in use by another iuq process" in (taken / "train.log").read_text()  # the child's own refusal
+    assert not (taken / "checkpoints").exists()
+    assert (out / "summaries" / "both" / "seed0.json").is_file()
+
+
+def test_two_studies_started_together_train_each_run_once(tiny_data, tmp_path):  # noqa: F811
+    """The race of two `iuq ablate` processes on one folder, for real: both exit 0 and no run is
+    started twice (each run's provenance records one start)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("{}\n")
+    sets = tiny_overrides(tiny_data, tmp_path / "unused", **{"train.max_steps": 2})
+    flags = [a for kv in sets for a in ("--set", kv)]
+    out = tmp_path / "study"
+    cmd = [sys.executable, "-m", "iuq.cli", "ablate", str(config), "--study", "components", "--arms", "both",
+           "--seeds", "1", "--jobs", "1", "--out", str(out), *flags]  # fmt: skip
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for arm in ("baseline", "both"):
+        summary = json.loads((out / "summaries" / arm / "seed0.json").read_text())
+        assert [r["from_step"] for r in summary["environment"]] == [0]
 
 
 def test_a_later_model_section_changes_the_fingerprint_of_its_own_model_type_only():

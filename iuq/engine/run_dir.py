@@ -26,6 +26,13 @@ class RunDirError(ValueError):
     """The run directory cannot be used as asked (locked, not writable, another run's)."""
 
 
+class RunInUse(RunDirError):
+    """Another process holds the run directory's lock. `iuq train` exits with `exit_code` (EX_TEMPFAIL
+    of sysexits.h) so that `iuq ablate` can tell "someone else trains this run" from a failed run."""
+
+    exit_code = 75
+
+
 # Keys a resumed run may change: how long it runs, where and how it prints, evaluates and loads
 # data. Everything else (model, data, IUQ, seed, optimiser) decides the weights, so it must match.
 _RESUMABLE_PREFIXES = ("train.max_steps", "train.max_epochs", "train.devices", "train.num_nodes",
@@ -53,18 +60,23 @@ class RunLock:
     The OS releases the lock when its holder exits, however it exits (kill -9 included), so a lock
     left by a dead process is simply taken over. `OUT/.lock.owner` says who holds it, for the
     message a second writer gets.
+
+    `claim=True` is the lock `iuq ablate` holds while its `iuq train` child runs: a file beside the
+    run directory (`.<name>.claim`), so that it covers the seconds before the child takes `OUT/.lock`
+    and survives the removal of a run directory that failed before its first checkpoint.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, claim: bool = False):
         self.out = out
-        self._lock = FileLock(str(out / ".lock"))
-        self._owner = out / ".lock.owner"
+        path = out.with_name(f".{out.name}.claim") if claim else out / ".lock"
+        self._lock = FileLock(str(path))
+        self._owner = path.with_name(path.name + ".owner")
 
     def acquire(self) -> RunLock:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            raise RunDirError(f"{self.out} is in use by {self.holder()}; wait for it or use another --out") from None
+            raise RunInUse(f"{self.out} is in use by {self.holder()}; wait for it or use another --out") from None
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         self._owner.write_text(json.dumps({"pid": os.getpid(), "started": started}))
         return self

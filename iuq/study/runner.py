@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from iuq.config import ConfigError, load_config
-from iuq.engine.run_dir import RunDirError, RunLock
+from iuq.engine.run_dir import RunInUse, RunLock
 from iuq.engine.train import prepare_data
 from iuq.study.arms import Arm, study_arms
 from iuq.study.choice import ChoiceError, choice_markdown, dev_scores
@@ -159,12 +159,26 @@ def _shown(cmd: list[str]) -> list[str]:
 
 def run_one(config: Path, out: Path, arm: Arm, seed: int, sets: list[str], fp: str) -> dict:
     run_dir = out / "runs" / arm.name / f"seed{seed}"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Held until the child exits: the child takes the run's own lock only once it has started, and
+    # a second `iuq ablate` probing in between would otherwise start the same run beside it.
+    try:
+        claim = RunLock(run_dir, claim=True).acquire()
+    except RunInUse as err:
+        raise RunBusy(str(err)) from None
+    try:
+        return _run_claimed(config, run_dir, arm, seed, sets, fp)
+    finally:
+        claim.release()
+
+
+def _run_claimed(config: Path, run_dir: Path, arm: Arm, seed: int, sets: list[str], fp: str) -> dict:
     if run_dir.is_dir():
-        # Probe before touching anything: a run another process trains may not have its first
-        # checkpoint yet, and would look like a failed start to be deleted below.
+        # Probe before touching anything: a run that a plain `iuq train` trains may not have its
+        # first checkpoint yet, and would look like a failed start to be deleted below.
         try:
             RunLock(run_dir).acquire().release()
-        except RunDirError as err:
+        except RunInUse as err:
             raise RunBusy(str(err)) from None
     last = run_dir / "checkpoints" / "last.ckpt"
     if not (run_dir / "metrics.json").is_file():
@@ -176,6 +190,8 @@ def run_one(config: Path, out: Path, arm: Arm, seed: int, sets: list[str], fp: s
         start = time.perf_counter()
         with open(run_dir / "train.log", "a") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if rc == RunInUse.exit_code:  # a plain `iuq train` took the run's lock after the probe above
+            raise RunBusy(f"{run_dir} was taken by another iuq process; see {run_dir / 'train.log'}")
         if rc != 0:
             tail = (run_dir / "train.log").read_text().strip().splitlines()[-3:]
             raise StudyError(f"arm {arm.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}: {tail}")
