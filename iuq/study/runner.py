@@ -8,8 +8,8 @@
 Each run is its own `iuq train` process (the command is in its summary, so any row can be rerun
 alone). A finished run (summary present) is skipped; a killed one resumes from its last checkpoint;
 a run that failed before its first checkpoint starts again. A run that another process is training
-(its run directory locked, e.g. a second `iuq ablate` on the same DIR) is left to that process and
-counted at the end if it has finished by then. The summaries carry a fingerprint of
+(its run directory locked by an `iuq train`, or claimed by a second `iuq ablate` on the same DIR) is
+left to that process and counted at the end if it has finished by then. The summaries carry a fingerprint of
 the resolved config, so a rerun into the same DIR with other settings stops with an error instead
 of mixing two studies.
 """
